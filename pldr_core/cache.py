@@ -1,0 +1,177 @@
+"""KV-cache and G-cache (SPEC section 2) as explicit, preallocated objects passed into ``forward``.
+
+- ``KVCache``: post-RoPE k and v per layer, preallocated for prompt + max_new_tokens, plus the metric
+  tensor A of the prefill. With it on, A is frozen at the prompt (the paper's behaviour).
+- ``GCache``: per layer (A_LM, G_LM), either taken from the prefill of the current prompt or loaded from
+  a G-cache file; in the second case the metric path never runs, not even at prefill.
+
+The two are independent: pass either, both or neither. Rows may have different lengths (batched
+generation of prompts of different lengths); ``row(b)`` gives a view of one row that writes through.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pldr_core.errors import PLDRError
+
+
+class KVCache:
+    """Preallocated keys/values [L, B, H, T, dk], per-row lengths [B], and the frozen A [L, B, H, dk, dk]."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, A: torch.Tensor | None, lengths: torch.Tensor,
+                 state: dict):
+        self.k, self.v, self.A, self.lengths = k, v, A, lengths
+        self._state = state  # shared between a cache and its row views: {"filled": [bool per row]}
+        self._rows = None
+
+    @classmethod
+    def allocate(cls, *, num_layers: int, batch: int, num_heads: int, head_dim: int, max_len: int,
+                 metric: bool, device=None, dtype=torch.float32) -> "KVCache":
+        shape = (num_layers, batch, num_heads, max_len, head_dim)
+        k = torch.zeros(shape, device=device, dtype=dtype)
+        v = torch.zeros(shape, device=device, dtype=dtype)
+        mdtype = torch.float64 if dtype == torch.float64 else torch.float32
+        A = (torch.zeros(num_layers, batch, num_heads, head_dim, head_dim, device=device, dtype=mdtype)
+             if metric else None)
+        lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        return cls(k, v, A, lengths, {"filled": [False] * batch})
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_len: int, device=None, dtype=None) -> "KVCache":
+        """A cache sized for ``model`` (prompt + max_new_tokens = ``max_len`` positions per row)."""
+        p = next(model.parameters())
+        cfg = model.config
+        return cls.allocate(num_layers=cfg.num_layers, batch=batch, num_heads=cfg.num_heads,
+                            head_dim=cfg.head_dim, max_len=max_len, metric=cfg.has_metric_path,
+                            device=device or p.device, dtype=dtype or p.dtype)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def filled(self) -> bool:
+        """True once the prefill has run: A is frozen and later calls are decode steps."""
+        rows = self._rows if self._rows is not None else range(len(self._state["filled"]))
+        return all(self._state["filled"][r] for r in rows)
+
+    def row(self, b: int) -> "KVCache":
+        """A view of row ``b`` (for prefilling prompts of different lengths one at a time)."""
+        sl = slice(b, b + 1)
+        view = KVCache(self.k[:, sl], self.v[:, sl], None if self.A is None else self.A[:, sl],
+                       self.lengths[sl], self._state)
+        view._rows = [b if self._rows is None else self._rows[b]]
+        return view
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+        rows = self._rows if self._rows is not None else range(len(self._state["filled"]))
+        for r in rows:
+            self._state["filled"][r] = False
+
+    def store_A(self, layer: int, A: torch.Tensor) -> None:
+        self.A[layer].copy_(A)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Write k, v [B, H, S, dk] at ``positions`` [B, S]; return the keys, values and the bool mask
+        [B, S, T'] over the T' cached positions that any query may see."""
+        B, H, S, dk = k.shape
+        if int(positions.max()) >= self.max_len:
+            raise PLDRError(
+                f"KV-cache holds {self.max_len} positions per row; allocate it for prompt + max_new_tokens"
+            )
+        idx = positions[:, None, :, None].expand(B, H, S, dk)
+        self.k[layer].scatter_(2, idx, k.to(self.k.dtype))
+        self.v[layer].scatter_(2, idx, v.to(self.v.dtype))
+        end = int(positions.max()) + 1
+        keys = torch.arange(end, device=positions.device)
+        mask = keys[None, None, :] <= positions[:, :, None]
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask
+
+    def advance(self, positions: torch.Tensor) -> None:
+        """Called by the model after all layers ran: lengths move past ``positions``; A is frozen."""
+        self.lengths.copy_(positions[:, -1] + 1)
+        rows = self._rows if self._rows is not None else range(len(self._state["filled"]))
+        for r in rows:
+            self._state["filled"][r] = True
+
+
+class GCache:
+    """Per-layer A_LM and G_LM, [L, B or 1, H, dk, dk]; ``source`` is 'prefill' or 'file'."""
+
+    def __init__(self, A_LM: torch.Tensor, G_LM: torch.Tensor, source: str, state: dict, meta=None):
+        self.A_LM, self.G_LM, self.source = A_LM, G_LM, source
+        self._state = state
+        self._rows = None
+        self.meta = dict(meta or {})
+
+    @classmethod
+    def allocate(cls, *, num_layers: int, batch: int, num_heads: int, head_dim: int, device=None,
+                 dtype=torch.float32) -> "GCache":
+        """An empty cache that the prefill of the current prompt fills."""
+        shape = (num_layers, batch, num_heads, head_dim, head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(shape, device=device, dtype=dtype), "prefill", {"filled": [False] * batch})
+
+    @classmethod
+    def for_model(cls, model, batch: int, device=None) -> "GCache":
+        cfg = model.config
+        p = next(model.parameters())
+        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        return cls.allocate(num_layers=cfg.num_layers, batch=batch, num_heads=cfg.num_heads,
+                            head_dim=cfg.head_dim, device=device or p.device, dtype=dtype)
+
+    @classmethod
+    def from_tensors(cls, A_LM: torch.Tensor, G_LM: torch.Tensor, meta=None) -> "GCache":
+        """A filled cache from [L, H, dk, dk] tensors (a G-cache file); shared by every batch row."""
+        if A_LM.shape != G_LM.shape or G_LM.dim() != 4:
+            raise PLDRError(f"G-cache tensors must both be [L, H, dk, dk], got {tuple(A_LM.shape)} "
+                            f"and {tuple(G_LM.shape)}")
+        return cls(A_LM[:, None], G_LM[:, None], "file", {"filled": [True]}, meta)
+
+    @property
+    def filled(self) -> bool:
+        if self.source == "file":
+            return True
+        rows = self._rows if self._rows is not None else range(len(self._state["filled"]))
+        return all(self._state["filled"][r] for r in rows)
+
+    def row(self, b: int) -> "GCache":
+        if self.source == "file":
+            return self
+        sl = slice(b, b + 1)
+        view = GCache(self.A_LM[:, sl], self.G_LM[:, sl], self.source, self._state, self.meta)
+        view._rows = [b if self._rows is None else self._rows[b]]
+        return view
+
+    def to(self, device=None, dtype=None) -> "GCache":
+        out = GCache(self.A_LM.to(device=device, dtype=dtype), self.G_LM.to(device=device, dtype=dtype),
+                     self.source, self._state, self.meta)
+        out._rows = self._rows
+        return out
+
+    def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.A_LM[layer], self.G_LM[layer]
+
+    def store(self, layer: int, A_LM: torch.Tensor, G_LM: torch.Tensor) -> None:
+        if self.source == "file":
+            raise PLDRError("a G-cache loaded from a file is read-only")
+        self.A_LM[layer].copy_(A_LM)
+        self.G_LM[layer].copy_(G_LM)
+
+    def mark_filled(self) -> None:
+        rows = self._rows if self._rows is not None else range(len(self._state["filled"]))
+        for r in rows:
+            self._state["filled"][r] = True
+
+    def reset(self) -> None:
+        if self.source == "file":
+            return
+        rows = self._rows if self._rows is not None else range(len(self._state["filled"]))
+        for r in rows:
+            self._state["filled"][r] = False

@@ -1,0 +1,274 @@
+"""Model directories (SPEC section 3): save, load, and import of the two public layouts.
+
+Layouts ``load_model`` reads:
+- ours: config.json + model.safetensors (+ tokenizer.model, meta.json);
+- a Hugging Face "pldrllm" directory: config.json with model_type "pldrllm" + model.safetensors;
+- a reference training checkpoint: a ``.pth``/``.pt`` dict with ``model_state_dict``, read with
+  ``torch.load(weights_only=True)``; its config is inferred from the tensor shapes.
+Weights are safetensors everywhere else; pickle is never loaded.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from pldr_core import __version__
+from pldr_core.config import PLDRConfig
+from pldr_core.errors import PLDRError
+from pldr_core.io import atomic_dir, atomic_write_text
+from pldr_core.model import PLDRModel
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.model"
+META_FILE = "meta.json"
+
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under torch.compile / DDP wrappers (never save ``_orig_mod.`` names)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def clean_state_dict(sd: dict) -> dict:
+    """Strip wrapper prefixes (``_orig_mod.``, ``module.``) anywhere in the names."""
+    out = {}
+    for name, t in sd.items():
+        for prefix in _WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        out[name] = t
+    return out
+
+
+def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    sd = clean_state_dict(unwrap(model).state_dict())
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def save_model(model: PLDRModel, out: str | Path, *, tokenizer: str | Path | None = None,
+               meta: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a model directory atomically (a crash leaves the old directory or none, never half)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    base = unwrap(model)
+    info = {
+        "toolkit": "pldr",
+        "toolkit_version": __version__,
+        "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "g_mode": base.config.g_mode,
+        "params_total": base.num_params(),
+    }
+    info.update(meta or {})
+    with atomic_dir(out) as tmp:
+        base.config.to_json(tmp / CONFIG_FILE)
+        save_file(state_dict_for_save(base), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        atomic_write_text(tmp / META_FILE, json.dumps(info, indent=2, default=str) + "\n")
+    return out
+
+
+def read_meta(path: str | Path) -> dict:
+    p = Path(path) / META_FILE
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# ---- layout detection and loading ------------------------------------------------------------
+def detect_layout(path: str | Path) -> str:
+    """'pldr', 'hf' or 'pth' for a model path; PLDRError when it is none of them."""
+    path = Path(path)
+    if not path.exists():
+        raise PLDRError(f"model path not found: {path}")
+    if path.is_file():
+        if path.suffix in (".pth", ".pt"):
+            return "pth"
+        raise PLDRError(f"{path} is a file but not a .pth/.pt checkpoint; pass a model directory")
+    cfg = path / CONFIG_FILE
+    if not cfg.is_file():
+        raise PLDRError(f"{path} has no {CONFIG_FILE}: not a model directory (make one with `pldr init`)")
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PLDRError(f"cannot read {cfg}: {exc}") from None
+    if not isinstance(data, dict):
+        raise PLDRError(f"{cfg} must hold a JSON object")
+    if data.get("model_type") == "pldrllm":
+        return "hf"
+    return "pldr"
+
+
+def load_config(path: str | Path) -> PLDRConfig:
+    """The config of any layout, without loading weights (``.pth``: inferred from the shapes)."""
+    layout = detect_layout(path)
+    path = Path(path)
+    if layout == "pldr":
+        return PLDRConfig.from_json(path / CONFIG_FILE)
+    if layout == "hf":
+        return hf_config(json.loads((path / CONFIG_FILE).read_text()))
+    return config_from_state_dict(_read_pth(path))
+
+
+def load_model(path: str | Path, *, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None) -> PLDRModel:
+    """Load a model from our model directory, a HF "pldrllm" directory or a reference ``.pth``."""
+    layout = detect_layout(path)
+    path = Path(path)
+    if layout == "pth":
+        sd = _read_pth(path)
+        config = config_from_state_dict(sd)
+    else:
+        sd = _read_safetensors(path / WEIGHTS_FILE)
+        if layout == "hf":
+            config = hf_config(json.loads((path / CONFIG_FILE).read_text()))
+            sd = _hf_state_dict(sd, config)
+        else:
+            config = PLDRConfig.from_json(path / CONFIG_FILE)
+    model = PLDRModel(config)
+    _load_weights(model, sd, path)
+    model.eval()
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise PLDRError(f"weights file not found: {file}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise PLDRError(f"{file} is not a readable safetensors file ({exc})") from None
+
+
+def _read_pth(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe pickles
+        raise PLDRError(f"cannot read {file} as a weights-only checkpoint ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if isinstance(obj, dict) and "model_state_dict" in obj:
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise PLDRError(f"{file} holds no model_state_dict of tensors")
+    return clean_state_dict(obj)
+
+
+def _load_weights(model: PLDRModel, sd: dict, source: Path) -> None:
+    sd = {k: v for k, v in clean_state_dict(sd).items() if ".rotary_embedding." not in k}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+        raise PLDRError(f"weights in {source} do not fit its config: {'; '.join(parts)}")
+    for k, t in expected.items():
+        if tuple(sd[k].shape) != tuple(t.shape):
+            raise PLDRError(f"weights in {source}: {k} has shape {list(sd[k].shape)}, "
+                            f"the config expects {list(t.shape)}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+# ---- the Hugging Face "pldrllm" layout --------------------------------------------------------
+def hf_config(data: dict) -> PLDRConfig:
+    """Map a HF ``PldrllmConfig`` JSON onto our config."""
+    heads = data.get("num_attention_heads", 14)
+    head_dim = data.get("head_dim", 64)
+    d = data.get("hidden_size") or heads * head_dim
+    g_type = data.get("custom_G_type")
+    g_mode = {None: "learned", "identity": "identity", "random": "fixed", "external": "fixed"}.get(g_type)
+    if g_mode is None:
+        raise PLDRError(f"unknown custom_G_type {g_type!r} in the HF config")
+    return PLDRConfig(
+        name=data.get("_name_or_path") or "hf-pldrllm",
+        vocab_size=data.get("vocab_size", 32000), num_layers=data.get("num_hidden_layers", 5),
+        d_model=d, num_heads=heads, dff=data.get("intermediate_size"), A_dff=data.get("A_dff", 170),
+        num_reslayerA=data.get("num_reslayerA", 8), num_denseA=data.get("num_denseA", 2),
+        max_seq_len=data.get("max_position_embeddings", 1024),
+        rope_style="interleaved" if data.get("reference_rope", True) else "half",
+        rope_base=float(data.get("rope_theta", 10000.0)),
+        layer_norm_eps=data.get("layer_norm_eps", 1e-6), g_mode=g_mode,
+        g_source=f"hf custom_G_type={g_type}" if g_type else None,
+        pad_id=data.get("pad_token_id") or 0, bos_id=data.get("bos_token_id", 2),
+        eos_id=data.get("eos_token_id", 3),
+    )
+
+
+def _hf_state_dict(sd: dict, config: PLDRConfig) -> dict:
+    """HF tensor names equal the reference ones, plus ``decoder.past_G_values`` for predefined G."""
+    sd = {k: v for k, v in sd.items() if k not in ("decoder.past_G_values_status",)}
+    past = sd.pop("decoder.past_G_values", None)
+    if config.g_mode == "fixed":
+        if past is None:
+            raise PLDRError("HF model with a predefined G has no decoder.past_G_values tensor")
+        # [L, 3, 1, H, dk, dk]: index 1 is A_LM, index 2 is G_LM
+        for i in range(config.num_layers):
+            sd[f"decoder.dec_layers.{i}.mha1.A_LM"] = past[i, 1, 0]
+            sd[f"decoder.dec_layers.{i}.mha1.G_LM"] = past[i, 2, 0]
+    return sd
+
+
+# ---- the reference .pth layout -----------------------------------------------------------------
+def config_from_state_dict(sd: dict) -> PLDRConfig:
+    """Infer the hyperparameters of a reference checkpoint from its tensor names and shapes."""
+    try:
+        V, d = sd["decoder.embedding.weight"].shape
+        layers = {int(m.group(1)) for k in sd if (m := re.match(r"decoder\.dec_layers\.(\d+)\.", k))}
+        L = max(layers) + 1
+        dff = sd["decoder.dec_layers.0.ffn.gluw1.weight"].shape[0]
+        pfx = "decoder.dec_layers.0.mha1."
+        if pfx + "plgatt_layer.Wlst" in sd:
+            H, dk, _ = sd[pfx + "plgatt_layer.Wlst"].shape
+            units = {int(m.group(1)) for k in sd if (m := re.match(re.escape(pfx) + r"reslayerAs\.(\d+)\.", k))}
+            dense = {int(m.group(1)) for k in sd
+                     if (m := re.match(re.escape(pfx) + r"reslayerAs\.0\.denseAs\.(\d+)\.", k))}
+            A_dff = sd[pfx + "reslayerAs.0.denseAs.0.gluw1.weight"].shape[0] if units else 170
+            g_mode = "learned"
+            num_units, num_dense = len(units), len(dense)
+        else:
+            raise PLDRError("checkpoint has no metric path (plgatt_layer); only learned-G reference "
+                            "checkpoints can be imported")
+    except KeyError as exc:
+        raise PLDRError(f"not a PLDR-LLM state dict: tensor {exc} is missing") from None
+    return PLDRConfig(name="reference-pth", vocab_size=V, num_layers=L, d_model=d, num_heads=H,
+                      dff=dff, A_dff=A_dff, num_reslayerA=num_units, num_denseA=num_dense, g_mode=g_mode)
+
+
+# ---- fingerprint -------------------------------------------------------------------------------
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha256 (16 hex digits) of every weight's name, shape and float32 bytes: identifies a model's
+    weights independently of the dtype or device it is loaded in."""
+    h = hashlib.sha256()
+    for name, t in sorted(state_dict_for_save(model).items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.to(torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,157 @@
+"""Model configuration: every hyperparameter of SPEC section 1, presets, and the JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pldr_core.errors import PLDRError
+
+G_MODES = ("learned", "identity", "random", "fixed")
+ROPE_STYLES = ("interleaved", "half")
+CONFIG_VERSION = 1
+
+
+@dataclass(kw_only=True)
+class PLDRConfig:
+    """Hyperparameters of a PLDR-LLM (the paper's "v510" decoder)."""
+
+    name: str = "custom"
+    """Free-form label, usually the preset the config came from."""
+    vocab_size: int = 32000
+    """Rows of the embedding and of the output head."""
+    num_layers: int = 5
+    """Decoder layers (L)."""
+    d_model: int = 896
+    """Width of the residual stream (d)."""
+    num_heads: int = 14
+    """Attention heads (H); head_dim = d_model / num_heads."""
+    dff: int | None = None
+    """Hidden width of the decoder GLU; None means floor(8 d / 3)."""
+    A_dff: int = 170
+    """Hidden width of the GLUs inside the metric path's residual units."""
+    num_reslayerA: int = 8
+    """Residual units in the metric path."""
+    num_denseA: int = 2
+    """GLUs per residual unit."""
+    max_seq_len: int = 1024
+    """Context length the model is trained for."""
+    rope_style: str = "interleaved"
+    """'interleaved' (pairs (0,1),(2,3)...; the paper's v51 models) or 'half' (rotate-half, v52)."""
+    rope_base: float = 10000.0
+    """Rotary embedding base."""
+    layer_norm_eps: float = 1e-6
+    """Epsilon of every LayerNorm."""
+    g_mode: str = "learned"
+    """How G_LM is obtained: 'learned' (metric path), 'identity' (plain SDPA), 'random' (seeded, frozen)
+    or 'fixed' (read from a G-cache file, frozen)."""
+    g_random_mean: float = 0.0
+    """Mean of the normal distribution that g_mode 'random' draws G_LM from."""
+    g_random_std: float = 1.0
+    """Standard deviation of that distribution."""
+    g_random_seed: int = 0
+    """Seed of that draw, so the same config always gives the same random G_LM."""
+    g_source: str | None = None
+    """For g_mode 'fixed': the G-cache file the tensors came from (provenance only)."""
+    dag: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """DAG loss coefficients (l1, l2, l3) for A_LM, A_P and G_LM."""
+    pad_id: int = 0
+    unk_id: int = 1
+    bos_id: int = 2
+    eos_id: int = 3
+    version: int = CONFIG_VERSION
+    """Config format version."""
+    head_dim: int = field(init=False)
+    """Derived: d_model // num_heads (dk)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "A_dff", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PLDRError(f"config field {name} must be a positive integer, got {value!r}")
+        for name in ("num_reslayerA", "num_denseA"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise PLDRError(f"config field {name} must be a non-negative integer")
+        if self.d_model % self.num_heads:
+            raise PLDRError(
+                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
+            )
+        self.head_dim = self.d_model // self.num_heads
+        if self.head_dim % 2:
+            raise PLDRError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.dff is None:
+            self.dff = math.floor(8 * self.d_model / 3)
+        if self.g_mode not in G_MODES:
+            raise PLDRError(f"unknown g_mode {self.g_mode!r}; choose one of {', '.join(G_MODES)}")
+        if self.rope_style not in ROPE_STYLES:
+            raise PLDRError(
+                f"unknown rope_style {self.rope_style!r}; choose one of {', '.join(ROPE_STYLES)}"
+            )
+        dag = tuple(float(x) for x in self.dag)
+        if len(dag) != 3:
+            raise PLDRError("dag must hold three coefficients (l1, l2, l3)")
+        self.dag = dag
+        if self.g_random_std <= 0:
+            raise PLDRError("g_random_std must be positive")
+
+    @property
+    def has_metric_path(self) -> bool:
+        """True when G_LM is computed by the deep residual network (g_mode 'learned')."""
+        return self.g_mode == "learned"
+
+    def replace(self, **changes) -> "PLDRConfig":
+        data = self.to_dict()
+        data.update(changes)
+        return PLDRConfig.from_dict(data)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["dag"] = list(self.dag)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PLDRConfig":
+        """Build from a dict; missing fields take their defaults, derived and unknown keys are ignored."""
+        if not isinstance(data, dict):
+            raise PLDRError("a config must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self, path: str | Path) -> None:
+        from pldr_core.io import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "PLDRConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PLDRError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PLDRError(f"cannot read config {path}: {exc}") from None
+        return cls.from_dict(data)
+
+
+PRESETS: dict[str, dict] = {
+    # CPU tests and the quick start: 2 layers, d 32; the whole suite trains it in seconds.
+    "tiny": dict(vocab_size=4000, num_layers=2, d_model=32, num_heads=2, dff=85, A_dff=24,
+                 num_reslayerA=2, num_denseA=2, max_seq_len=128),
+    # A model one GPU trains in minutes: 4 layers, d 256, dk 64 like the paper.
+    "small": dict(vocab_size=8000, num_layers=4, d_model=256, num_heads=4, dff=682, A_dff=170,
+                  num_reslayerA=4, num_denseA=2, max_seq_len=256),
+    # The paper's PLDR-LLM v51 110M shape.
+    "paper-110m": dict(vocab_size=32000, num_layers=5, d_model=896, num_heads=14, dff=2389, A_dff=170,
+                       num_reslayerA=8, num_denseA=2, max_seq_len=1024),
+}
+
+
+def preset(name: str, **overrides) -> PLDRConfig:
+    """A named preset ('tiny', 'small', 'paper-110m') with optional field overrides."""
+    if name not in PRESETS:
+        raise PLDRError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PLDRConfig(**{"name": name, **PRESETS[name], **overrides})

@@ -1,0 +1,50 @@
+"""What ``pldr info`` reports about a model or preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pldr_core.checkpoint import TOKENIZER_FILE, detect_layout, load_config, read_meta
+from pldr_core.config import preset as make_preset
+
+
+def count_params(config) -> tuple[int, int]:
+    """(total, metric path) parameter counts of a config, built on the meta device (no memory)."""
+    import torch
+
+    from pldr_core.model import PLDRModel
+
+    with torch.device("meta"):
+        model = PLDRModel(config) if config.g_mode != "random" else PLDRModel(config.replace(g_mode="fixed"))
+    return model.num_params(), model.num_params(metric_only=True)
+
+
+def describe(*, model: str | Path | None = None, preset: str | None = None, g_mode: str | None = None) -> dict:
+    if preset is not None:
+        config = make_preset(preset, **({"g_mode": g_mode} if g_mode else {}))
+        source, layout, files, meta = f"preset {preset}", "preset", {}, {}
+        has_tok = None
+    else:
+        path = Path(model)
+        layout = detect_layout(path)
+        config = load_config(path)
+        source = str(path)
+        files = ({p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+                 if path.is_dir() else {path.name: path.stat().st_size})
+        meta = read_meta(path) if path.is_dir() else {}
+        has_tok = path.is_dir() and (path / TOKENIZER_FILE).is_file()
+    total, metric = count_params(config)
+    out = {
+        "source": source,
+        "layout": layout,
+        "config": config.to_dict(),
+        "params_total": total,
+        "params_metric": metric,
+        "g_mode": config.g_mode,
+        "rope_style": config.rope_style,
+        "files": files,
+        "meta": meta,
+    }
+    if has_tok is not None:
+        out["tokenizer"] = has_tok
+    return out

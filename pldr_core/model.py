@@ -1,0 +1,178 @@
+"""The PLDR-LLM decoder (SPEC section 1): post-LayerNorm layers of PLGA + GLU, no final norm, untied head.
+
+Module names follow the reference implementation (``decoder.embedding``, ``decoder.dec_layers.{i}.mha1``,
+``final_layer``, ...) so a state dict of this model is a state dict of the paper's code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pldr_core.attention import GLU, PLGAttention
+from pldr_core.cache import GCache, KVCache
+from pldr_core.config import PLDRConfig
+
+
+@dataclass
+class PLDROutput:
+    """What ``PLDRModel.forward`` returns."""
+
+    logits: torch.Tensor
+    """[B, S, V]."""
+    deductive: list[dict[str, torch.Tensor]] | None = None
+    """Per layer: A, A_LM, A_P, G_LM ([B, H, dk, dk]; the ones this call computed or used)."""
+    attentions: list[torch.Tensor] | None = None
+    """Per layer attention weights [B, H, S, T], only on request."""
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: PLDRConfig):
+        super().__init__()
+        self.mha1 = PLGAttention(config)
+        self.ffn = GLU(config.d_model, config.dff, config.d_model)
+        self.layernorm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.layernorm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+
+    def forward(self, x, positions, **kw):
+        attn, deductive, weights = self.mha1(x, positions, **kw)
+        x = self.layernorm1(x + attn)
+        x = self.layernorm2(x + self.ffn(x))
+        return x, deductive, weights
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: PLDRConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layernorm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.dec_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+
+
+class PLDRModel(nn.Module):
+    """A PLDR-LLM. ``model(tokens)`` -> ``PLDROutput`` with ``logits`` [B, S, V]."""
+
+    def __init__(self, config: PLDRConfig):
+        super().__init__()
+        self.config = config
+        self.decoder = Decoder(config)
+        self.final_layer = nn.Linear(config.d_model, config.vocab_size)
+        self.reset_parameters()
+
+    # ---- initialisation ----------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """The paper's init: Linear xavier_uniform with zero bias; W, P, alpha xavier_normal; b, beta 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif hasattr(module, "plgatt_layer") and isinstance(module, PLGAttention):
+                module.plgatt_layer.reset_parameters()
+        if self.config.g_mode == "random":
+            self.set_fixed_g(random_g(self.config))
+
+    def set_fixed_g(self, G_LM: torch.Tensor, A_LM: torch.Tensor | None = None) -> None:
+        """Load frozen G_LM (and A_LM) [L, H, dk, dk] into a 'random' or 'fixed' model."""
+        from pldr_core.errors import PLDRError
+
+        cfg = self.config
+        if cfg.g_mode not in ("random", "fixed"):
+            raise PLDRError(f"g_mode {cfg.g_mode!r} has no frozen G_LM to set")
+        expected = (cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.head_dim)
+        if tuple(G_LM.shape) != expected or (A_LM is not None and tuple(A_LM.shape) != expected):
+            raise PLDRError(f"G_LM must be {list(expected)} for this model, got {list(G_LM.shape)}")
+        with torch.no_grad():
+            for i, layer in enumerate(self.decoder.dec_layers):
+                layer.mha1.G_LM.copy_(G_LM[i])
+                layer.mha1.A_LM.copy_(A_LM[i] if A_LM is not None else torch.zeros_like(G_LM[i]))
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        kv_cache: KVCache | None = None,
+        g_cache: GCache | None = None,
+        return_deductive: bool = False,
+        return_attention: bool = False,
+        explicit: bool = False,
+        positions: torch.Tensor | None = None,
+    ) -> PLDROutput:
+        """Run the decoder on ``tokens`` [B, S].
+
+        Without caches this is the training / full forward pass (A from the whole input). With a
+        ``kv_cache`` the tokens continue each row at its cached length; a ``g_cache`` that is already
+        filled replaces the metric path, an empty one is filled by this call (the prefill).
+        ``explicit`` uses softmax((q G) k^T / sqrt(dk)) instead of fused SDPA (same maths).
+        """
+        B, S = tokens.shape
+        if positions is None:
+            start = kv_cache.lengths[:, None] if kv_cache is not None else 0
+            positions = start + torch.arange(S, device=tokens.device)[None, :]
+            positions = positions.expand(B, S)
+        x = self.decoder.embedding(tokens) * math.sqrt(self.config.d_model)
+        x = self.decoder.layernorm1(x)
+        deductive, attentions = [], []
+        for i, layer in enumerate(self.decoder.dec_layers):
+            x, ded, weights = layer(
+                x, positions, layer=i, kv_cache=kv_cache, g_cache=g_cache, explicit=explicit,
+                need_deductive=return_deductive, need_weights=return_attention,
+            )
+            deductive.append(ded)
+            attentions.append(weights)
+        if kv_cache is not None:
+            kv_cache.advance(positions)
+        if g_cache is not None and not g_cache.filled and self.config.has_metric_path:
+            g_cache.mark_filled()
+        logits = self.final_layer(x)
+        return PLDROutput(
+            logits=logits,
+            deductive=deductive if return_deductive else None,
+            attentions=attentions if return_attention else None,
+        )
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def num_params(self, metric_only: bool = False) -> int:
+        total = 0
+        for name, p in self.named_parameters():
+            if not metric_only or _is_metric_param(name):
+                total += p.numel()
+        return total
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.for_model(self, batch, max_len)
+
+    def new_g_cache(self, batch: int) -> GCache:
+        return GCache.for_model(self, batch)
+
+
+def _is_metric_param(name: str) -> bool:
+    return ".plgatt_layer." in name or ".reslayerAs." in name or ".mha1.layernorm1." in name
+
+
+def random_g(config: PLDRConfig) -> torch.Tensor:
+    """The seeded random G_LM [L, H, dk, dk] of g_mode 'random' (distribution recorded in the config)."""
+    gen = torch.Generator().manual_seed(config.g_random_seed)
+    shape = (config.num_layers, config.num_heads, config.head_dim, config.head_dim)
+    return torch.randn(shape, generator=gen) * config.g_random_std + config.g_random_mean
+
+
+def dag_loss_term(M: torch.Tensor) -> torch.Tensor:
+    """DL(M) = | log( trace(exp(M o M)) / dk ) | averaged over batch and heads (matrix exp in fp32)."""
+    dk = M.shape[-1]
+    E = torch.linalg.matrix_exp((M.float() * M.float()))
+    tr = E.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return torch.log(tr / dk).abs().mean()
+
+
+def dag_terms(deductive: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The three DAG terms {A_LM, A_P, G_LM} averaged over layers, for the tensors the model has."""
+    out = {}
+    for key in ("A_LM", "A_P", "G_LM"):
+        values = [dag_loss_term(d[key]) for d in deductive if d is not None and key in d]
+        if values:
+            out[key] = torch.stack(values).mean()
+    return out

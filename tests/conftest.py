@@ -1,0 +1,72 @@
+"""Shared fixtures: the golden reference model, tiny models, a tiny tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("PLDR_GOLDEN", REPO.parent / "shared" / "golden" / "reference-tiny"))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    assert (GOLDEN / "expected.safetensors").is_file(), (
+        f"golden vectors not found at {GOLDEN}; set PLDR_GOLDEN to shared/golden/reference-tiny")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden_expected(golden_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(golden_dir / "expected.safetensors"))
+
+
+def golden_config():
+    from pldr_core.config import PLDRConfig
+
+    return PLDRConfig(name="golden", vocab_size=300, num_layers=2, d_model=64, num_heads=4, dff=170,
+                      A_dff=40, num_reslayerA=2, num_denseA=2, max_seq_len=64)
+
+
+@pytest.fixture(scope="session")
+def golden_model(golden_dir):
+    from safetensors.torch import load_file
+
+    from pldr_core.model import PLDRModel
+
+    model = PLDRModel(golden_config()).double().eval()
+    model.load_state_dict(load_file(str(golden_dir / "model.safetensors")), strict=True)
+    return model
+
+
+def tiny_model(g_mode: str = "learned", seed: int = 0, dtype=torch.float64, **overrides):
+    """A tiny model with non-trivial biases (so tests notice a dropped bias)."""
+    from pldr_core.config import preset
+    from pldr_core.model import PLDRModel
+
+    torch.manual_seed(seed)
+    cfg = preset("tiny", g_mode=g_mode, vocab_size=overrides.pop("vocab_size", 64), **overrides)
+    model = PLDRModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or name.endswith("blst") or name.endswith("balst"):
+                p.normal_(0, 0.05)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def spm_model(tmp_path_factory) -> Path:
+    """A small SentencePiece model trained with the paper's settings on generated text."""
+    from pldr_core.tokenizer import train_tokenizer
+
+    words = ("the metric tensor of power law graph attention learns a curvature from every prompt "
+             "and the cache keeps it for decoding with keys and values in the model").split()
+    rng = __import__("random").Random(0)
+    lines = [" ".join(rng.choice(words) for _ in range(12)) + f" {i}." for i in range(3000)]
+    out = tmp_path_factory.mktemp("spm") / "tok"
+    return train_tokenizer(lines, out, vocab_size=200)
