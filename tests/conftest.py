@@ -69,4 +69,4 @@ def spm_model(tmp_path_factory) -> Path:
     rng = __import__("random").Random(0)
     lines = [" ".join(rng.choice(words) for _ in range(12)) + f" {i}." for i in range(3000)]
     out = tmp_path_factory.mktemp("spm") / "tok"
-    return train_tokenizer(lines, out, vocab_size=200)
+    return train_tokenizer(lines, out, vocab_size=400)
