@@ -1,0 +1,304 @@
+"""Speed measurements behind ``pldr bench`` (SPEC sections 5 and 8): how every speed claim is made.
+
+Training: tokens/s (and MFU on GPU) of learned-G against identity-G at the same shape and batch, a full
+optimizer step each (bf16 autocast on GPU with fp32 master weights, AdamW, clipping by value).
+Decoding: tokens/s at batch 1 and a larger batch for no cache, KV, KV+G from the prefill and KV+G from a
+G-cache file, with the eager mechanism (``decode_steps``) and with the static-cache engine
+(``pldr_core.engine``, compiled with CUDA graphs on GPU), and identity-G in the same engine.
+
+Timings: warm-up first, ``torch.cuda.synchronize`` around every timed region, random token inputs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pldr_core.config import PLDRConfig, preset as make_preset
+from pldr_core.errors import PLDRError
+
+# Dense bf16 peak of the chips we know (for MFU); others report MFU as null.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+WHATS = ("train", "decode", "all")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise PLDRError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PLDRError("--device cuda asked for, but torch sees no CUDA device")
+    return dev
+
+
+def device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
+def peak_flops(dev: torch.device) -> float | None:
+    if dev.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(dev)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def train_flops_per_token(config: PLDRConfig, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward + backward = 3x forward), from the shapes.
+
+    Linear layers: 2 per weight per token (embedding lookups excluded). Causal attention: 2 * 2 * S/2 * d
+    per layer (scores and the weighted sum over on average S/2 keys). Metric path (learned-G), per
+    sequence and layer: A0 = q^T q (2 S H dk^2), the residual GLU stack on H*dk rows, W@A and alpha@A_P
+    (2 * 2 H dk^3), and q @ G_LM (2 S H dk^2); divided by S to count it per token.
+    """
+    d, L, H, dk, V = config.d_model, config.num_layers, config.num_heads, config.head_dim, config.vocab_size
+    linear = L * (4 * d * d + 3 * d * config.dff) + d * V
+    fwd = 2 * linear + L * 2 * seq_len * d
+    if config.g_mode == "learned":
+        glu = 3 * dk * config.A_dff
+        per_seq = 2 * seq_len * H * dk * dk + 2 * H * dk * glu * config.num_reslayerA * config.num_denseA
+        per_seq += 4 * H * dk ** 3 + 2 * seq_len * H * dk * dk
+        fwd += L * per_seq / seq_len
+    elif config.g_mode in ("random", "fixed"):
+        fwd += L * 2 * H * dk * dk
+    return 3.0 * fwd
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _build(config: PLDRConfig, dev: torch.device, seed: int):
+    from pldr_core.init import build_model
+
+    return build_model(config, seed=seed).to(dev)
+
+
+# ---- training ---------------------------------------------------------------------------------------
+def bench_train_one(config: PLDRConfig, dev: torch.device, *, batch: int, seq_len: int, steps: int,
+                    warmup: int, compile: bool, seed: int = 0) -> dict:
+    """Tokens/s of full training steps for one model."""
+    from pldr_core.kernels import optimize_for_training
+
+    model = _build(config, dev, seed).train()
+    cuda = dev.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1,
+                            fused=cuda)
+    fwd = optimize_for_training(model, dev) if compile else model
+    V = config.vocab_size
+
+    def loss_fn(x, y):
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = fwd(x).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=config.pad_id)
+
+    if compile:
+        loss_fn = torch.compile(loss_fn)
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.randint(4, V, (batch, seq_len + 1), generator=gen).to(dev)
+    x, y = data[:, :-1], data[:, 1:]
+
+    def step():
+        loss = loss_fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    _sync(dev)
+    warm_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    _sync(dev)
+    elapsed = time.perf_counter() - t0
+    tokens = batch * seq_len * steps
+    flops = train_flops_per_token(config, seq_len) * tokens
+    peak = peak_flops(dev)
+    result = {
+        "tokens_per_s": tokens / elapsed,
+        "step_ms": 1000 * elapsed / steps,
+        "tflops": flops / elapsed / 1e12,
+        "mfu": (flops / elapsed / peak) if peak else None,
+        "warmup_s": warm_s,
+        "loss": float(loss.detach()),
+        "params": model.num_params(),
+    }
+    if cuda:
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+    del model, opt, fwd
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def bench_train(config: PLDRConfig, dev: torch.device, *, batch: int, seq_len: int, steps: int,
+                warmup: int, compile: bool, log: Callable[[str], None] = lambda s: None) -> dict:
+    out = {"batch": batch, "seq_len": seq_len, "steps": steps, "warmup": warmup, "compile": compile,
+           "dtype": "bf16-autocast" if dev.type == "cuda" else "fp32"}
+    for g_mode in ("learned", "identity"):
+        log(f"train {g_mode}-G: batch {batch} x {seq_len}, {steps} steps" + (" (compiled)" if compile else ""))
+        out[g_mode] = bench_train_one(config.replace(g_mode=g_mode), dev, batch=batch, seq_len=seq_len,
+                                      steps=steps, warmup=warmup, compile=compile)
+    out["ratio_learned_identity"] = out["learned"]["tokens_per_s"] / out["identity"]["tokens_per_s"]
+    return out
+
+
+# ---- decoding ---------------------------------------------------------------------------------------
+def _timed(dev, fn, new_tokens: int, batch: int) -> dict:
+    _sync(dev)
+    t0 = time.perf_counter()
+    fn()
+    _sync(dev)
+    elapsed = time.perf_counter() - t0
+    return {"tokens_per_s": batch * new_tokens / elapsed, "seconds": elapsed}
+
+
+def _file_gcache(model, tmp: Path):
+    """Export a G-cache file from the EOS-alone prompt (export-gcache's default) and read it back."""
+    from pldr_core.cache import GCache
+    from pldr_core.checkpoint import fingerprint
+    from pldr_core.gcache import read_gcache, write_gcache
+
+    dev = next(model.parameters()).device
+    gc = GCache.for_model(model, 1)
+    with torch.no_grad():
+        model(torch.tensor([[model.config.eos_id]], device=dev), g_cache=gc)
+    path = write_gcache(tmp / "bench.gcache.safetensors", gc.A_LM[:, 0], gc.G_LM[:, 0],
+                        fingerprint=fingerprint(model),
+                        how={"prompts": [""], "count": 1, "reduction": "first"})
+    return read_gcache(path, model=model).to(device=dev)
+
+
+def bench_decode(config: PLDRConfig, dev: torch.device, *, batches: list[int], prompt_len: int,
+                 new_tokens: int, compile: bool, eager: bool = True,
+                 log: Callable[[str], None] = lambda s: None) -> dict:
+    from pldr_core.engine import DecodeEngine, cast_for_inference
+    from pldr_core.generate import decode_steps
+
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    learned = cast_for_inference(_build(config.replace(g_mode="learned"), dev, 0), dtype).eval()
+    identity = cast_for_inference(_build(config.replace(g_mode="identity"), dev, 0), dtype).eval()
+    out = {"prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": str(dtype).replace("torch.", ""),
+           "compile": compile, "batches": list(batches)}
+    gen = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        gfile = _file_gcache(learned, Path(tmp))
+        for B in batches:
+            prompt = torch.randint(4, config.vocab_size, (B, prompt_len), generator=gen).to(dev)
+            row: dict = {}
+            if eager:
+                cases = {
+                    "no_cache": (learned, dict(kv_cache=False, g_cache=False)),
+                    "kv": (learned, dict(kv_cache=True, g_cache=False)),
+                    "kv_g_prefill": (learned, dict(kv_cache=True, g_cache=True)),
+                    "kv_g_file": (learned, dict(kv_cache=True, g_cache=gfile)),
+                    "identity_kv": (identity, dict(kv_cache=True, g_cache=False)),
+                }
+                row["eager"] = {}
+                for name, (model, kw) in cases.items():
+                    log(f"decode eager {name}: batch {B}, {prompt_len}+{new_tokens} tokens")
+                    for _ in decode_steps(model, prompt, 2, **kw):  # warm-up
+                        pass
+                    row["eager"][name] = _timed(dev, lambda: [None for _ in decode_steps(
+                        model, prompt, new_tokens, **kw)], new_tokens, B)
+            engines = {} if compile else {"kv": (learned, dict(g_source="none"))}
+            engines.update({
+                "kv_g_prefill": (learned, dict(g_source="prefill")),
+                "kv_g_file": (learned, dict(g_source="file", g_cache=gfile)),
+                "identity_kv": (identity, dict(g_source="none")),
+            })
+            row["engine"] = {}
+            reference = None
+            for name, (model, kw) in engines.items():
+                log(f"decode engine {name}: batch {B}" + (" (compiling)" if compile else ""))
+                eng = DecodeEngine(model, batch=B, max_len=prompt_len + new_tokens, compile=compile, **kw)
+                t0 = time.perf_counter()
+                eng.generate(prompt, min(new_tokens, 8))  # warm-up: compile and record the graph
+                eng.generate(prompt, min(new_tokens, 8))
+                _sync(dev)
+                warm_s = time.perf_counter() - t0
+                toks = []
+                row["engine"][name] = _timed(dev, lambda: toks.append(eng.generate(prompt, new_tokens)),
+                                             new_tokens, B)
+                row["engine"][name]["warmup_s"] = warm_s
+                if model is learned and name != "kv_g_file":
+                    # KV alone and KV+G (prefill) give the same greedy tokens (SPEC section 2); in bf16
+                    # a late near-tie can flip, so this is reported, not asserted. (A file's G comes
+                    # from another prompt, so its tokens may differ.)
+                    if reference is None:
+                        reference = toks[0]
+                    row["engine"][name]["same_tokens_as_first"] = bool((toks[0] == reference).all())
+                del eng
+            ident = row["engine"]["identity_kv"]["tokens_per_s"]
+            row["ratio_gfile_identity"] = row["engine"]["kv_g_file"]["tokens_per_s"] / ident
+            if eager:
+                row["ratio_gfile_identity_eager"] = (row["eager"]["kv_g_file"]["tokens_per_s"]
+                                                     / row["eager"]["identity_kv"]["tokens_per_s"])
+            out[f"batch_{B}"] = row
+    return out
+
+
+# ---- the whole run ----------------------------------------------------------------------------------
+def defaults_for(dev: torch.device, config: PLDRConfig) -> dict:
+    if dev.type == "cuda":
+        return dict(batch=16, seq_len=min(1024, config.max_seq_len), steps=20, warmup=5, compile=True,
+                    decode_batch=16, prompt_len=32, new_tokens=256)
+    return dict(batch=4, seq_len=min(64, config.max_seq_len), steps=3, warmup=1, compile=False,
+                decode_batch=4, prompt_len=8, new_tokens=16)
+
+
+def run_bench(what: str = "all", *, preset: str = "tiny", device: str = "auto", batch: int | None = None,
+              seq_len: int | None = None, steps: int | None = None, compile: bool | None = None,
+              decode_batch: int | None = None, prompt_len: int | None = None,
+              new_tokens: int | None = None, eager_decode: bool = True,
+              log: Callable[[str], None] = lambda s: None) -> dict:
+    """Run the benchmark; returns {"train": ..., "decode": ..., "device": ..., "torch": ...}."""
+    if what not in WHATS:
+        raise PLDRError(f"unknown benchmark {what!r}; choose one of {', '.join(WHATS)}")
+    for name, value in (("--batch", batch), ("--seq-len", seq_len), ("--steps", steps),
+                        ("--decode-batch", decode_batch), ("--prompt-len", prompt_len),
+                        ("--new-tokens", new_tokens)):
+        if value is not None and value < 1:
+            raise PLDRError(f"{name} must be a positive integer, got {value}")
+    config = make_preset(preset)
+    dev = resolve_device(device)
+    d = defaults_for(dev, config)
+    batch = batch or d["batch"]
+    seq_len = seq_len or d["seq_len"]
+    if seq_len > config.max_seq_len:
+        raise PLDRError(f"--seq-len {seq_len} exceeds the preset's context of {config.max_seq_len}")
+    compile = d["compile"] if compile is None else compile
+    prompt_len = prompt_len or d["prompt_len"]
+    new_tokens = new_tokens or d["new_tokens"]
+    if prompt_len + new_tokens > config.max_seq_len:
+        raise PLDRError(f"prompt ({prompt_len}) + new tokens ({new_tokens}) exceed the preset's context "
+                        f"of {config.max_seq_len}")
+    result = {"device": device_name(dev), "torch": torch.__version__, "preset": preset,
+              "config": {k: v for k, v in config.to_dict().items() if k not in ("dag", "g_source")}}
+    if what in ("train", "all"):
+        result["train"] = bench_train(config, dev, batch=batch, seq_len=seq_len, steps=steps or d["steps"],
+                                      warmup=d["warmup"], compile=compile, log=log)
+    if what in ("decode", "all"):
+        batches = sorted({1, decode_batch or d["decode_batch"]})
+        result["decode"] = bench_decode(config, dev, batches=batches, prompt_len=prompt_len,
+                                        new_tokens=new_tokens, compile=compile, eager=eager_decode, log=log)
+    return result

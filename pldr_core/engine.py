@@ -1,0 +1,259 @@
+"""A static-cache decode engine: the fast path for batch-1 and small-batch decoding.
+
+``pldr_core.generate.decode_steps`` is the reference mechanism (dynamic shapes, per-row lengths, any
+cache combination). This engine does the same maths for rows of equal length with everything a CUDA
+graph needs:
+
+- the KV-cache is preallocated once for prompt + max_new_tokens and attended over in full with a mask
+  (static shapes; keys past the current position get zero weight);
+- the position is a tensor, so one captured graph serves every step;
+- G_LM comes from a static buffer [L, B, H, dk, dk] (filled from the prefill or from a G-cache file), so
+  with a G-cache the metric path never runs in the step; with the KV-cache alone the step recomputes
+  G_LM from the frozen A (SPEC section 2), as the eager model does;
+- the step is compiled with ``torch.compile`` and replayed as one captured CUDA graph per token.
+
+The prefill is the eager model itself (``model(prompt, kv_cache=..., g_cache=...)``): it writes straight
+into the engine's buffers, so the cache semantics stay those of the library.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pldr_core.attention import apply_rope, rope_angles
+from pldr_core.cache import GCache, KVCache
+from pldr_core.errors import PLDRError
+from pldr_core.generate import Step, greedy
+
+G_SOURCES = ("file", "prefill", "none")
+
+
+def cast_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``model`` to ``dtype`` in place, except the metric path, which stays fp32.
+
+    The metric path runs in fp32 under any autocast (see ``PLGAttention._metric_dtype``), so its own
+    parameters must stay fp32 for a bf16 model to run its prefill.
+    """
+    from pldr_core.model import _is_metric_param
+
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if _is_metric_param(name) else dtype)
+    for name, b in model.named_buffers():
+        if b.is_floating_point():
+            b.data = b.data.to(dtype)
+    return model
+
+
+class _StepModule(nn.Module):
+    """One decode step over static buffers: token [B], position [1] -> logits [B, V]."""
+
+    def __init__(self, model, kv: KVCache, G: torch.Tensor | None, use_metric: bool):
+        super().__init__()
+        cfg = model.config
+        self.model = model
+        self.L, self.H, self.dk, self.d = cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.d_model
+        self.rope_style = cfg.rope_style
+        self.use_metric = use_metric
+        dtype = kv.k.dtype
+        T = kv.max_len
+        cos, sin = rope_angles(torch.arange(T, device=kv.k.device), self.dk, cfg.rope_base)
+        # Same float64 angles as the eager path, cast once (the cast is element-wise, so identical).
+        self.register_buffer("cos", cos.to(dtype), persistent=False)
+        self.register_buffer("sin", sin.to(dtype), persistent=False)
+        self.register_buffer("keys", torch.arange(T, device=kv.k.device), persistent=False)
+        self.k_cache, self.v_cache, self.A = kv.k, kv.v, kv.A
+        self.G = G
+
+    def forward(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        B = token.shape[0]
+        H, dk = self.H, self.dk
+        x = m.decoder.embedding(token[:, None]) * math.sqrt(self.d)
+        x = m.decoder.layernorm1(x)
+        cos = self.cos.index_select(0, pos)[None, None]  # [1, 1, 1, dk/2]
+        sin = self.sin.index_select(0, pos)[None, None]
+        mask = (self.keys <= pos)[None, None, None, :]   # [1, 1, 1, T]
+        for i, layer in enumerate(m.decoder.dec_layers):
+            a = layer.mha1
+            q = a.wq(x).view(B, 1, H, dk).transpose(1, 2)
+            k = a.wk(x).view(B, 1, H, dk).transpose(1, 2)
+            v = a.wv(x).view(B, 1, H, dk).transpose(1, 2)
+            q = apply_rope(q, cos, sin, self.rope_style)
+            k = apply_rope(k, cos, sin, self.rope_style)
+            if self.G is not None:
+                q = torch.matmul(q, self.G[i])
+            elif self.use_metric:
+                # KV-cache alone: G_LM from the A frozen at the prefill, every step (as the eager model).
+                with torch.autocast(device_type=q.device.type, enabled=False):
+                    _, _, G_LM = a.plgatt_layer(self.A[i])
+                q = torch.matmul(q, G_LM.to(q.dtype))
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc.index_copy_(2, pos, k.to(kc.dtype))
+            vc.index_copy_(2, pos, v.to(vc.dtype))
+            out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)
+            out = a.dense(out.transpose(1, 2).reshape(B, 1, H * dk))
+            x = layer.layernorm1(x + out)
+            x = layer.layernorm2(x + layer.ffn(x))
+        return m.final_layer(x)[:, 0]
+
+
+class DecodeEngine:
+    """Static-cache greedy/sampled decoding for ``batch`` rows of equal prompt length.
+
+    ``g_source``: 'file' (pass ``g_cache``, a filled GCache from a G-cache file; the metric path never
+    runs), 'prefill' (G_LM from the prompt's prefill, then reused) or 'none' (no G-cache: a learned model
+    recomputes G_LM from the frozen A each step; an identity-G model has no G at all).
+    ``compile``: compile the step with ``torch.compile`` and, on CUDA, capture it once as a CUDA graph
+    that reads token and position from static buffers (one replay per token, no host work in between).
+    """
+
+    def __init__(self, model, *, batch: int, max_len: int, g_source: str = "prefill",
+                 g_cache: GCache | None = None, compile: bool = False, compile_mode: str | None = None):
+        if g_source not in G_SOURCES:
+            raise PLDRError(f"unknown g_source {g_source!r}; choose one of {', '.join(G_SOURCES)}")
+        cfg = model.config
+        learned = cfg.has_metric_path
+        if g_source == "file" and g_cache is None:
+            raise PLDRError("g_source 'file' needs a G-cache (read_gcache(path, model))")
+        if g_source != "file" and g_cache is not None:
+            raise PLDRError("a g_cache is only used with g_source 'file'")
+        if cfg.g_mode == "identity" and g_source == "file":
+            raise PLDRError("an identity-G model has no G-cache to load")
+        self.model = model
+        self.batch, self.max_len = batch, max_len
+        self.g_source = g_source
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, model.decoder.embedding.weight.dtype
+        self.kv = KVCache.for_model(model, batch, max_len)
+        G = None
+        self._gc = None
+        if cfg.g_mode in ("random", "fixed"):
+            # A frozen G_LM is part of the weights: hold it in the same static buffer.
+            G = torch.stack([l.mha1.G_LM for l in model.decoder.dec_layers])[:, None]
+            G = G.expand(-1, batch, -1, -1, -1).to(self.dtype).contiguous()
+        elif learned and g_source != "none":
+            G = torch.zeros(cfg.num_layers, batch, cfg.num_heads, cfg.head_dim, cfg.head_dim,
+                            device=self.device, dtype=self.dtype)
+            if g_source == "file":
+                self._gc = g_cache.to(device=self.device)
+                G.copy_(self._gc.G_LM.to(self.dtype).expand_as(G))
+            else:
+                self._gc = GCache.for_model(model, batch)
+        self.G = G
+        self._step = _StepModule(model, self.kv, G, use_metric=learned and g_source == "none")
+        self._positions = torch.arange(max_len, device=self.device)
+        self.compiled = bool(compile)
+        # Static inputs/outputs of the step, so that one captured CUDA graph serves every step.
+        self._tok = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._logits = None
+        self._next = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self._graph = None
+        self._run = torch.compile(self._step, mode=compile_mode, fullgraph=True) if compile else self._step
+        self._use_graph = compile and self.device.type == "cuda"
+
+    def _body(self) -> None:
+        """The step over the static buffers: logits and greedy choice out, position advanced."""
+        logits = self._run(self._tok, self._pos)
+        if self._logits is None:
+            self._logits = torch.empty_like(logits)
+        self._logits.copy_(logits)
+        self._next.copy_(logits.argmax(dim=-1))
+        self._pos.add_(1)
+
+    def _capture(self) -> None:
+        # Warm up (compiles) on a side stream, then capture one step. The warm-up writes k/v at the
+        # current and next positions; both are rewritten by the real steps before any query sees them.
+        pos = self._pos.clone()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._body()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._pos.copy_(pos)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._body()
+        self._pos.copy_(pos)
+        self._graph = graph
+
+    def _call(self, token: torch.Tensor, p: int) -> torch.Tensor:
+        """Logits [B, V] of one step of ``token`` [B] at position ``p`` (a static buffer: copy to keep)."""
+        self._tok.copy_(token)
+        self._pos.copy_(self._positions[p:p + 1])
+        if self._use_graph:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+        else:
+            self._body()
+        return self._logits
+
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Run the eager model on ``prompt`` [B, S] into the static caches; logits of the last position."""
+        B, S = prompt.shape
+        if B != self.batch:
+            raise PLDRError(f"this engine decodes batches of {self.batch} rows, got {B}")
+        if S < 1 or S >= self.max_len:
+            raise PLDRError(f"prompt length {S} must be between 1 and {self.max_len - 1} for this engine")
+        self.kv.reset()
+        gc = self._gc
+        if gc is not None and gc.source == "prefill":
+            gc.reset()
+        logits = self.model(prompt.to(self.device), kv_cache=self.kv, g_cache=gc).logits[:, -1]
+        if gc is not None and gc.source == "prefill":
+            self.G.copy_(gc.G_LM.to(self.dtype))
+        return logits
+
+    @torch.no_grad()
+    def steps(self, prompt: torch.Tensor, max_new_tokens: int, choose=greedy) -> Iterator[Step]:
+        """Yield ``max_new_tokens`` steps, like ``decode_steps`` with the KV-cache on."""
+        S = prompt.shape[1]
+        if S + max_new_tokens > self.max_len:
+            raise PLDRError(f"prompt ({S}) + max_new_tokens ({max_new_tokens}) exceeds the engine's "
+                            f"{self.max_len} positions")
+        logits = self.prefill(prompt)
+        for i in range(max_new_tokens):
+            token = choose(logits)
+            yield Step(token=token, logits=logits)
+            if i + 1 == max_new_tokens:
+                return
+            logits = self._call(token, S + i).clone()
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, choose=greedy) -> torch.Tensor:
+        """The new tokens [B, max_new_tokens] (no logits kept: the fastest loop)."""
+        S = prompt.shape[1]
+        if S + max_new_tokens > self.max_len:
+            raise PLDRError(f"prompt ({S}) + max_new_tokens ({max_new_tokens}) exceeds the engine's "
+                            f"{self.max_len} positions")
+        out = torch.empty(self.batch, max_new_tokens, dtype=torch.long, device=self.device)
+        token = choose(self.prefill(prompt))
+        out[:, 0] = token
+        if max_new_tokens == 1:
+            return out
+        logits = self._call(token, S)
+        for i in range(1, max_new_tokens):
+            if choose is greedy:
+                token = self._next  # chosen inside the step (inside the graph on GPU)
+            else:
+                token = choose(logits)
+            out[:, i] = token
+            if i + 1 < max_new_tokens:
+                self._tok.copy_(token)
+                self._step_again()
+        return out
+
+    def _step_again(self) -> None:
+        """Next step from ``self._tok`` at the position the last step left (no host work)."""
+        if self._use_graph:
+            self._graph.replay()
+        else:
+            self._body()

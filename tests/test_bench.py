@@ -1,0 +1,80 @@
+"""pldr bench: the library result's shape and the CLI contract (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pldr_cli.app import app
+from pldr_core.bench import run_bench, train_flops_per_token
+from pldr_core.config import preset
+from pldr_core.errors import PLDRError
+
+SMALL = dict(preset="tiny", device="cpu", batch=2, seq_len=16, steps=1, decode_batch=2, prompt_len=4,
+             new_tokens=3)
+
+
+def _positive(x):
+    return isinstance(x, float) and x > 0
+
+
+def test_run_bench_reports_every_figure():
+    r = run_bench("all", **SMALL)
+    assert r["device"] == "cpu" and r["torch"]
+    t = r["train"]
+    for g in ("learned", "identity"):
+        assert _positive(t[g]["tokens_per_s"]) and t[g]["mfu"] is None  # no MFU without a known GPU
+    assert t["learned"]["params"] > t["identity"]["params"]
+    assert t["ratio_learned_identity"] == pytest.approx(
+        t["learned"]["tokens_per_s"] / t["identity"]["tokens_per_s"])
+    d = r["decode"]
+    assert d["batches"] == [1, 2]
+    for B in (1, 2):
+        row = d[f"batch_{B}"]
+        assert set(row["eager"]) == {"no_cache", "kv", "kv_g_prefill", "kv_g_file", "identity_kv"}
+        assert set(row["engine"]) == {"kv", "kv_g_prefill", "kv_g_file", "identity_kv"}
+        assert all(_positive(v["tokens_per_s"]) for v in row["eager"].values())
+        # fp32 on CPU: KV alone and KV+G (prefill) decode the same greedy tokens.
+        assert all(row["engine"][k]["same_tokens_as_first"] for k in ("kv", "kv_g_prefill"))
+        assert row["ratio_gfile_identity"] == pytest.approx(
+            row["engine"]["kv_g_file"]["tokens_per_s"] / row["engine"]["identity_kv"]["tokens_per_s"])
+
+
+def test_flops_formula_counts_the_metric_path():
+    cfg = preset("paper-110m")
+    learned = train_flops_per_token(cfg, 1024)
+    identity = train_flops_per_token(cfg.replace(g_mode="identity"), 1024)
+    # About 6 N per token (N without the embedding table), and the metric path a few percent on top.
+    n = 105_606_482 - cfg.vocab_size * cfg.d_model
+    assert 6 * n < identity < 6 * n * 1.1
+    assert 1.01 < learned / identity < 1.10
+
+
+def test_run_bench_refuses_bad_input():
+    with pytest.raises(PLDRError, match="unknown benchmark"):
+        run_bench("speed", device="cpu")
+    with pytest.raises(PLDRError, match="exceeds"):
+        run_bench("train", preset="tiny", device="cpu", seq_len=4096)
+    with pytest.raises(PLDRError, match="positive"):
+        run_bench("train", preset="tiny", device="cpu", batch=0)
+
+
+def test_cli_bench_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(app, ["bench", "train", "--preset", "tiny", "--device", "cpu", "--batch", "2",
+                                   "--seq-len", "16", "--steps", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert set(data) >= {"train", "device", "torch"} and "decode" not in data
+    assert "ratio learned/identity" in res.output
+
+
+def test_cli_bench_bad_input_is_one_line_exit_2(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "nonsense", "--device", "cpu"])
+    assert res.exit_code == 2 and "error:" in res.output
+    res = CliRunner().invoke(app, ["bench", "--preset", "huge", "--device", "cpu"])
+    assert res.exit_code == 2 and "unknown preset" in res.output
+    res = CliRunner().invoke(app, ["bench", "--device", "cpu", "--json", str(tmp_path)])
+    assert res.exit_code == 2
