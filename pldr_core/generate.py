@@ -9,6 +9,7 @@ Cache combinations (``kv`` and ``g`` switches are independent):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -69,3 +70,351 @@ def decode_steps(
         else:
             text = torch.cat([text, token[:, None]], dim=1)
             logits = model(text, g_cache=gc).logits[:, -1]
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+class Sampler:
+    """Maps logits [B, V] to ids [B]: greedy, or temperature / top-k / top-p sampling.
+
+    A ``seed`` makes sampling reproducible (its own ``torch.Generator``, so the global RNG is not
+    touched); the draw for a batch is one ``multinomial`` call over all rows.
+    """
+
+    def __init__(self, *, temperature: float = 0.8, top_k: int | None = 50, top_p: float = 1.0,
+                 greedy: bool = False, seed: int | None = None):
+        from pldr_core.errors import PLDRError
+
+        if temperature < 0:
+            raise PLDRError(f"--temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise PLDRError(f"--top-k must be >= 1, got {top_k}")
+        if not 0.0 < top_p <= 1.0:
+            raise PLDRError(f"--top-p must be in (0, 1], got {top_p}")
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.greedy = greedy or temperature == 0
+        self.seed = seed
+        self._gen: torch.Generator | None = None
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self._gen is None or self._gen.device != device:
+            self._gen = torch.Generator(device=device)
+            if self.seed is None:
+                self._gen.seed()
+            else:
+                self._gen.manual_seed(self.seed)
+        return self._gen
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.greedy:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            # Keep the smallest set of tokens whose probability reaches top_p (always the best one).
+            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop_sorted = (cum - sorted_logits.softmax(-1)) >= self.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs, 1, generator=self._generator(probs.device)).squeeze(-1)
+
+
+# ---- generation as a generator -----------------------------------------------------------------
+@dataclass
+class Token:
+    """One generated token of one prompt (row)."""
+
+    row: int
+    """Which prompt it belongs to (index into the ``prompts`` list)."""
+    id: int
+    """The chosen id."""
+    index: int
+    """0 for the first new token of that row, 1 for the next, ..."""
+    logits: torch.Tensor
+    """[V] the logits it was chosen from."""
+    done: bool
+    """True when the row stops after this token (EOS or ``max_new_tokens``)."""
+    finish_reason: str | None = None
+    """'eos' or 'length' when ``done``."""
+
+
+@dataclass
+class RowTiming:
+    prefill_ms: float = 0.0
+    """Wall time of this row's prefill (metric path unless a G-cache file is used, KV writes)."""
+    decode_s: float = 0.0
+    """Wall time of the decode steps (forward + sampling) that produced this row's later tokens."""
+    new_tokens: int = 0
+    """Tokens generated for this row; the first comes from the prefill's logits."""
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 else None
+
+
+@dataclass
+class GenerationStats:
+    """Filled in place by ``generate`` while it runs (timing per row and for the whole batch)."""
+
+    rows: list[RowTiming]
+    decode_s: float = 0.0
+    """Wall time of all decode steps (the batch shares them with the KV-cache on)."""
+    new_tokens: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens produced by decode steps (all but each row's first) per second of decoding."""
+        return (self.new_tokens - len(self.rows)) / self.decode_s if self.decode_s > 0 else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    kv_cache: bool = True,
+    g_cache: bool | GCache = True,
+    sampler=greedy,
+    eos_id: int | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[Token]:
+    """Generate continuations of ``prompts`` (lists of ids, any lengths), yielding ``Token``s.
+
+    Each prompt is prefilled on its own, unpadded (A sums over every token, so padding would change
+    it): through ``KVCache.row(b)`` / ``GCache.row(b)`` views with the KV-cache on, after which all
+    rows decode together as one batch (per-row positions); rows that produced EOS stop (they are fed
+    EOS until the batch ends, their outputs dropped). Without the KV-cache every step reruns each
+    row's whole text, row by row. ``g_cache``: True (G from each row's prefill), False (none) or a
+    filled ``GCache`` (a file; the metric path never runs). Every row therefore gets exactly the
+    tokens it gets alone. Tokens are yielded step by step, rows in order within a step.
+    """
+    from pldr_core.errors import PLDRError
+
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise PLDRError("every prompt needs at least one token (the empty text encodes to EOS)")
+    if max_new_tokens < 1:
+        raise PLDRError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    B = len(prompts)
+    rows = [torch.tensor(p, dtype=torch.long, device=device) for p in prompts]
+    if stats is None:
+        stats = GenerationStats(rows=[RowTiming() for _ in range(B)])
+    else:
+        stats.rows = [RowTiming() for _ in range(B)]
+    if isinstance(g_cache, GCache):
+        gc = g_cache
+    elif g_cache and model.config.has_metric_path:
+        gc = GCache.for_model(model, B)
+    else:
+        gc = None
+    kv = KVCache.for_model(model, B, max(len(p) for p in prompts) + max_new_tokens) if kv_cache else None
+
+    def g_row(b):
+        return None if gc is None else gc.row(b)
+
+    # Prefill: row by row, unpadded.
+    last = []
+    for b, ids in enumerate(rows):
+        t0 = time.perf_counter()
+        out = model(ids[None], kv_cache=None if kv is None else kv.row(b), g_cache=g_row(b))
+        last.append(out.logits[0, -1])
+        _sync(device)
+        stats.rows[b].prefill_ms = (time.perf_counter() - t0) * 1e3
+    logits = torch.stack(last)
+
+    active = [True] * B
+    texts = list(rows)
+    for step in range(max_new_tokens):
+        t0 = time.perf_counter()
+        if step > 0:
+            if kv is not None:
+                feed = torch.where(torch.tensor(active, device=device), chosen,
+                                   torch.full_like(chosen, eos_id if eos_id is not None else 0))
+                logits = model(feed[:, None], kv_cache=kv, g_cache=gc).logits[:, -1]
+            else:
+                new = logits.clone()
+                for b in range(B):
+                    if active[b]:
+                        texts[b] = torch.cat([texts[b], chosen[b:b + 1]])
+                        new[b] = model(texts[b][None], g_cache=g_row(b)).logits[0, -1]
+                logits = new
+        chosen = sampler(logits)
+        ids = chosen.tolist()  # synchronises with the device
+        dt = time.perf_counter() - t0 if step > 0 else 0.0
+        stats.decode_s += dt
+        for b in range(B):
+            if not active[b]:
+                continue
+            timing = stats.rows[b]
+            if step > 0:
+                timing.decode_s += dt
+            is_eos = eos_id is not None and ids[b] == eos_id
+            done = is_eos or step + 1 == max_new_tokens
+            timing.new_tokens += 1
+            stats.new_tokens += 1
+            if done:
+                active[b] = False
+            yield Token(row=b, id=ids[b], index=step, logits=logits[b], done=done,
+                        finish_reason=("eos" if is_eos else "length") if done else None)
+        if not any(active):
+            return
+
+
+# ---- the paper's claim, measured ---------------------------------------------------------------
+@torch.inference_mode()
+def gcache_fidelity(model, ids: list[int], g_cache: GCache) -> dict:
+    """How far a G-cache (from a file / another prompt) moves the logits of ``ids`` from full PLGA
+    (the metric path run on ``ids`` itself): max |logit difference| at the last position and over
+    all positions, and how often the greedy next token agrees (teacher-forced, every position)."""
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    full = model(x).logits[0].double()
+    cached = model(x, g_cache=g_cache).logits[0].double()
+    diff = (full - cached).abs()
+    agree = full.argmax(-1) == cached.argmax(-1)
+    return {
+        "max_abs_logit_diff_last": float(diff[-1].max()),
+        "max_abs_logit_diff": float(diff.max()),
+        "logit_scale": float(full.abs().max()),
+        "next_token_agrees": bool(agree[-1]),
+        "argmax_agreement": float(agree.double().mean()),
+        "positions": len(ids),
+    }
+
+
+# ---- prompts and model directories -------------------------------------------------------------
+def find_tokenizer(model_path, tokenizer=None):
+    """The ``Tokenizer`` of a model: ``tokenizer`` if given, else ``tokenizer.model`` next to the weights."""
+    from pathlib import Path
+
+    from pldr_core.checkpoint import TOKENIZER_FILE
+    from pldr_core.errors import PLDRError
+    from pldr_core.tokenizer import Tokenizer
+
+    if tokenizer is not None:
+        return Tokenizer(tokenizer)
+    path = Path(model_path)
+    folder = path if path.is_dir() else path.parent
+    candidate = folder / TOKENIZER_FILE
+    if not candidate.is_file():
+        raise PLDRError(f"{path} has no {TOKENIZER_FILE}; text prompts need one: pass --tokenizer FILE, "
+                        f"or give token ids with --tokens, or recreate the model with "
+                        f"`pldr init --tokenizer ...`")
+    return Tokenizer(candidate)
+
+
+def parse_token_ids(spec: str, vocab_size: int) -> list[int]:
+    """'3' or '5,6,7' or '5 6 7' -> ids, each checked against the vocabulary."""
+    from pldr_core.errors import PLDRError
+
+    parts = spec.replace(",", " ").split()
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        raise PLDRError(f"--tokens {spec!r}: give integer ids separated by commas or spaces") from None
+    if not ids:
+        raise PLDRError("--tokens needs at least one id")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise PLDRError(f"--tokens: id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
+def read_prompts_file(path) -> list[str]:
+    """One prompt per line (blank lines skipped); PLDRError when missing or empty."""
+    from pathlib import Path
+
+    from pldr_core.errors import PLDRError
+
+    path = Path(path)
+    if not path.is_file():
+        raise PLDRError(f"prompts file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PLDRError(f"cannot read prompts file {path}: {exc}") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise PLDRError(f"prompts file {path} holds no prompts (one per line)")
+    return prompts
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A generation prompt: the text's ids without the document-closing EOS (so the model continues
+    the text); the empty text is EOS alone, i.e. the start of a new document."""
+    ids = tokenizer.encode(text, eos=False)
+    return ids or [tokenizer.eos_id]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    from pldr_core.errors import PLDRError
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise PLDRError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PLDRError(f"device {device} requested but CUDA is not available here")
+    return dev
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float64": torch.float64, "fp64": torch.float64}
+
+
+def resolve_dtype(name: str | None) -> torch.dtype:
+    from pldr_core.errors import PLDRError
+
+    if name is None:
+        return torch.float32
+    if name not in DTYPES:
+        raise PLDRError(f"unknown dtype {name!r}; use float32, bfloat16, float16 or float64")
+    return DTYPES[name]
+
+
+def load_for_generation(model_path, *, device=None, dtype=None, gcache=None, force: bool = False):
+    """Load a model (float32 first, so the G-cache fingerprint check sees the saved weights), read and
+    check ``gcache`` against it, then move both to ``device`` / ``dtype``. Returns (model, GCache|None)."""
+    from pldr_core.checkpoint import load_model
+    from pldr_core.errors import PLDRError
+    from pldr_core.gcache import read_gcache
+
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    model = load_model(model_path)
+    gc = None
+    if gcache is not None:
+        if not model.config.has_metric_path:
+            raise PLDRError(f"--gcache only applies to learned-G models; this model's g_mode is "
+                            f"{model.config.g_mode!r} (its G_LM is already fixed)")
+        gc = read_gcache(gcache, model, force=force)
+    model.to(device=dev, dtype=dt)
+    if dt in (torch.float16, torch.bfloat16) and model.config.has_metric_path:
+        # The metric path stays float32 (as under autocast): A sums S outer products of q and
+        # A_LM ** P amplifies rounding; the layers feed it float32 inputs.
+        for layer in model.decoder.dec_layers:
+            for name in ("plgatt_layer", "reslayerAs", "layernorm1"):
+                getattr(layer.mha1, name).float()
+    if gc is not None:
+        mdtype = torch.float64 if dt == torch.float64 else torch.float32
+        gc = gc.to(device=dev, dtype=mdtype)
+    return model, gc
+
+
+def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text the new ids add after the prompt (decoded together, so SentencePiece keeps the space
+    between the prompt's last word and the first new one)."""
+    head = tokenizer.decode(prompt_ids)
+    full = tokenizer.decode(list(prompt_ids) + list(new_ids))
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(new_ids)

@@ -1,0 +1,150 @@
+"""pldr tokenize and the token data folder."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pldr_cli.app import app
+
+WORDS = ("the whale ship sailed over a grey sea while the captain watched the horizon and the crew "
+         "sang of home harbour storm and sail").split()
+
+
+def _docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 120))) + "." for _ in range(n)]
+
+
+def _run(*args):
+    return CliRunner().invoke(app, list(map(str, args)))
+
+
+def test_tokenize_text_folder(tmp_path):
+    src = tmp_path / "texts"
+    (src / "sub").mkdir(parents=True)
+    docs = _docs(60)
+    for i, d in enumerate(docs):
+        (src / ("sub" if i % 2 else "") / f"d{i}.txt").write_text(d + "\n")
+    out = tmp_path / "tok"
+    r = _run("tokenize", src, "--out", out, "--vocab-size", 400, "--seq-len", 32, "--val-fraction", 0.1)
+    assert r.exit_code == 0, r.output
+    from pldr_core.data import TokenData
+    from pldr_core.tokenizer import Tokenizer
+
+    data = TokenData(out)
+    meta = data.meta
+    assert meta["documents"] == 60 and meta["seq_len"] == 32 and meta["dtype"] == "uint16"
+    assert data.train.shape == (meta["rows"]["train"], 32) and data.val.shape[0] == meta["rows"]["val"] > 0
+    assert meta["rows"]["train"] + meta["rows"]["val"] == meta["tokens"] // 32
+    tok = Tokenizer(data.tokenizer_path)
+    assert tok.vocab_size == meta["tokenizer"]["vocab_size"] <= 400
+    # One EOS per document, no BOS; every stored id is a valid piece.
+    stream = np.concatenate([data.train.reshape(-1), data.val.reshape(-1)])
+    assert (stream == tok.eos_id).sum() <= 60 and (stream == tok.bos_id).sum() == 0
+    assert stream.max() < tok.vocab_size
+    # The stored stream decodes back to the corpus text (train rows come first in corpus order).
+    expected = sum(len(tok.encode(d)) for d in docs)
+    assert meta["tokens"] == expected
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tok")]
+
+
+def test_tokenize_jsonl_with_column_and_given_tokenizer(tmp_path, spm_model):
+    f = tmp_path / "c.jsonl"
+    docs = _docs(40, seed=1)
+    f.write_text("".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(docs)))
+    out = tmp_path / "tok"
+    r = _run("tokenize", f, "--out", out, "--text-column", "body", "--tokenizer", spm_model,
+             "--seq-len", 16, "--val-fraction", 0.05)
+    assert r.exit_code == 0, r.output
+    from pldr_core.data import TokenData
+    from pldr_core.tokenizer import Tokenizer
+
+    data = TokenData(out)
+    tok = Tokenizer(spm_model)
+    assert data.meta["tokenizer"]["trained"] is False and data.vocab_size == tok.vocab_size
+    flat = np.concatenate([tok.encode(d) for d in docs])
+    rows = flat[: (flat.size // 16) * 16].reshape(-1, 16)
+    stored = {r.tobytes() for r in np.concatenate([data.train, data.val]).astype(np.int64)}
+    assert stored == {r.tobytes() for r in rows}
+    # Missing column: one line, exit 2, nothing written.
+    bad = tmp_path / "bad"
+    r = _run("tokenize", f, "--out", bad, "--tokenizer", spm_model)
+    assert r.exit_code == 2 and "--text-column" in r.output and not bad.exists()
+
+
+def test_tokenize_save_to_disk_and_parquet(tmp_path, spm_model):
+    import datasets
+
+    docs = _docs(30, seed=2)
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "saved"))
+    datasets.Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "p.parquet"))
+    out = tmp_path / "tok"
+    r = _run("tokenize", tmp_path / "saved", tmp_path / "p.parquet", "--out", out, "--tokenizer", spm_model,
+             "--seq-len", 16)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "meta.json").read_text())["documents"] == 60
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_dir", "empty_file", "bad_suffix", "too_small",
+                                  "hf_offline", "bad_seq"])
+def test_tokenize_bad_inputs_exit_2_and_write_nothing(tmp_path, spm_model, case, monkeypatch):
+    args = []
+    if case == "missing":
+        args = [tmp_path / "nope.txt"]
+    elif case == "empty_dir":
+        (tmp_path / "e").mkdir()
+        (tmp_path / "e" / "x.bin").write_bytes(b"\0")
+        args = [tmp_path / "e"]
+    elif case == "empty_file":
+        (tmp_path / "empty.txt").write_text("  \n\n")
+        args = [tmp_path / "empty.txt"]
+    elif case == "bad_suffix":
+        (tmp_path / "x.docx").write_text("hello")
+        args = [tmp_path / "x.docx"]
+    elif case == "too_small":
+        (tmp_path / "s.txt").write_text("the whale.")
+        args = [tmp_path / "s.txt", "--seq-len", 512]
+    elif case == "hf_offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+        args = ["hf:no-such-user/no-such-dataset"]
+    elif case == "bad_seq":
+        (tmp_path / "s.txt").write_text("the whale.")
+        args = [tmp_path / "s.txt", "--seq-len", 1]
+    out = tmp_path / "out"
+    r = _run("tokenize", *args, "--out", out, "--tokenizer", spm_model)
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and r.output.strip().splitlines()[-1] == errors[0]
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_embedded_corpus_and_training_lines():
+    from pldr_core.corpus import clean_brown, iter_embedded_documents
+
+    docs = list(iter_embedded_documents())
+    sources = {d["source"].split("/")[0] for d in docs}
+    assert sources == {"moby_dick", "shakespeare", "sotu"}
+    assert sum(len(d["text"]) for d in docs) > 5_000_000
+    assert any("Call me Ishmael" in d["text"] for d in docs)
+    assert clean_brown("\n\n\tThe/at jury/nn said/vbd ``/`` no/at ''/'' ./.\n") == 'The jury said " no ".'
+
+
+def test_row_sampler_is_a_pure_function_of_position():
+    from pldr_core.data import RowSampler
+
+    split = np.arange(10 * 8, dtype=np.uint16).reshape(10, 8)
+    s = RowSampler(split, 8, seed=3)
+    assert s.num_samples == 9
+    first_epoch = np.stack([s.sample(p) for p in range(9)])
+    assert sorted(first_epoch[:, 0] // 8) == list(range(9))  # a permutation of the samples
+    assert (first_epoch[:, 1:] == first_epoch[:, :-1] + 1).all()  # S+1 consecutive tokens
+    again = RowSampler(split, 8, seed=3)
+    assert np.array_equal(again.batch(13, 4), s.batch(13, 4))
+    assert not np.array_equal(RowSampler(split, 8, seed=4).batch(0, 9), first_epoch)

@@ -1,0 +1,148 @@
+"""pldr pretrain: learning, metrics, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pldr_cli.app import app
+
+
+def _run(*args):
+    return CliRunner().invoke(app, list(map(str, args)))
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, spm_model):
+    """A small token data folder: patterned text the tiny model can learn in a few steps."""
+    from pldr_core.data import tokenize_corpus
+
+    rng = random.Random(0)
+    words = "the metric tensor of power law graph attention learns a curvature from every prompt".split()
+    docs = [" ".join(words[(i + k) % len(words)] for k in range(rng.randint(20, 60))) for i in range(300)]
+    src = tmp_path_factory.mktemp("src") / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path_factory.mktemp("data") / "tok"
+    tokenize_corpus([str(src)], out, tokenizer=spm_model, seq_len=64, val_fraction=0.05)
+    return out
+
+
+def _args(tok_dir, out, **kw):
+    from pldr_core.train import TrainArgs
+
+    base = dict(data=str(tok_dir), out=str(out), preset="tiny", steps=8, batch_size=4, seq_len=32,
+                lr=3e-3, warmup=2, eval_every=4, eval_batches=2, save_every=4, device="cpu", seed=1)
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule():
+    from pldr_core.train import lr_at
+
+    lrs = [lr_at(s, lr=1.0, warmup=4, steps=20) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_pretrain_learns_and_writes_run(tmp_path, tok_dir):
+    run = tmp_path / "run"
+    r = _run("pretrain", "--data", tok_dir, "--out", run, "--steps", 30, "--batch-size", 8, "--seq-len", 32,
+             "--lr", "1e-2", "--warmup", 3, "--eval-every", 10, "--eval-batches", 2, "--save-every", 30, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    m = _metrics(run)
+    train = [x for x in m if "loss" in x]
+    assert [x["step"] for x in train] == list(range(1, 31))
+    for key in ("loss", "acc", "lr", "grad_norm", "tokens_per_s"):
+        assert all(np.isfinite(x[key]) for x in train), key
+    # The three DAG terms are logged for a learned-G model even with zero coefficients.
+    assert all({"dag_A_LM", "dag_A_P", "dag_G_LM"} <= set(x) for x in train)
+    vals = [x["val_loss"] for x in m if "val_loss" in x]
+    assert m[0]["step"] == 0 and len(vals) == 4
+    assert vals[-1] < vals[0] - 0.5
+    assert np.mean([x["loss"] for x in train[-5:]]) < np.mean([x["loss"] for x in train[:5]]) - 0.5
+    from pldr_core.checkpoint import load_model, read_meta
+    from pldr_core.data import TokenData
+
+    final = run / "final"
+    model = load_model(final)
+    assert model.config.vocab_size == TokenData(tok_dir).vocab_size
+    assert (final / "tokenizer.model").read_bytes() == (tok_dir / "tokenizer.model").read_bytes()
+    meta = read_meta(final)
+    assert meta["steps"] == 30 and meta["tokens_seen"] == 30 * 8 * 32 and meta["final_val_loss"] == vals[-1]
+
+
+def test_resume_is_bitwise(tmp_path, tok_dir):
+    from safetensors.torch import load_file
+
+    from pldr_core.train import pretrain
+
+    full = pretrain(_args(tok_dir, tmp_path / "full", dag=(0.01, 0.01, 0.01)))
+    part = pretrain(_args(tok_dir, tmp_path / "part", dag=(0.01, 0.01, 0.01), stop_after=4))
+    assert part.interrupted and part.final_dir is None and part.checkpoint.name == "step-00000004"
+    resumed = pretrain(_args(tok_dir, tmp_path / "part", dag=(0.01, 0.01, 0.01), resume=True))
+    assert resumed.steps_done == 8 and not resumed.interrupted
+    assert resumed.last["loss"] == full.last["loss"]
+    a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "final" / "model.safetensors"))
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    # metrics.jsonl of the resumed run equals the uninterrupted one (timings aside)
+    strip = lambda m: [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in m]  # noqa: E731
+    assert strip(_metrics(tmp_path / "part")) == strip(_metrics(tmp_path / "full"))
+
+
+def test_bad_inputs_exit_2_and_write_nothing(tmp_path, tok_dir):
+    from pldr_core.train import pretrain
+
+    cases = {
+        "seq": ["--seq-len", 4096],
+        "data": [],
+        "resume_none": ["--resume"],
+        "batch": ["--batch-size", 3, "--grad-accum", 2],
+        "gfixed": ["--g-mode", "fixed"],
+        "dag": ["--dag", "1,2"],
+    }
+    for name, extra in cases.items():
+        out = tmp_path / name
+        data = tmp_path / "nodata" if name == "data" else tok_dir
+        r = _run("pretrain", "--data", data, "--out", out, "--steps", 2, "--device", "cpu", *extra)
+        assert r.exit_code == 2, (name, r.output)
+        assert r.output.strip().splitlines()[-1].startswith("error: "), (name, r.output)
+        assert not out.exists(), name
+    # an empty data folder
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for f in ("tokenizer.model",):
+        (empty / f).write_bytes((tok_dir / f).read_bytes())
+    meta = json.loads((tok_dir / "meta.json").read_text())
+    meta["rows"] = {"train": 0, "val": 0}
+    (empty / "meta.json").write_text(json.dumps(meta))
+    (empty / "train.bin").write_bytes(b"")
+    (empty / "val.bin").write_bytes(b"")
+    r = _run("pretrain", "--data", empty, "--out", tmp_path / "e_run", "--device", "cpu")
+    assert r.exit_code == 2 and "empty" in r.output and not (tmp_path / "e_run").exists()
+    # --resume from a run of another config
+    pretrain(_args(tok_dir, tmp_path / "other", steps=2, save_every=1))
+    before = sorted(p.name for p in (tmp_path / "other").iterdir())
+    r = _run("pretrain", "--data", tok_dir, "--out", tmp_path / "other", "--steps", 4, "--batch-size", 4,
+             "--seq-len", 32, "--g-mode", "identity", "--resume", "--device", "cpu")
+    assert r.exit_code == 2 and "another run" in r.output
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == before
+    # an existing run without --resume
+    r = _run("pretrain", "--data", tok_dir, "--out", tmp_path / "other", "--device", "cpu")
+    assert r.exit_code == 2 and "--resume" in r.output
+
+
+def test_nan_loss_is_reported_with_the_step(tmp_path, tok_dir):
+    r = _run("pretrain", "--data", tok_dir, "--out", tmp_path / "nan", "--steps", 3, "--batch-size", 4,
+             "--seq-len", 32, "--lr", "1e30", "--warmup", 0, "--eval-every", 100, "--device", "cpu")
+    assert r.exit_code == 1, r.output
+    assert "at step" in r.output and ("nan" in r.output.lower() or "inf" in r.output.lower())
