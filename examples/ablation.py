@@ -123,8 +123,7 @@ def main() -> None:
               "--seed", args.seed, "--seq-len", seq_len]
     if args.batch_size:
         common += ["--batch-size", args.batch_size]
-    if args.compile:
-        common += ["--compile"]
+    common += ["--compile" if args.compile else "--no-compile"]
 
     results: dict[str, dict] = {}
     # 'learned' first: 'fixed' is trained with the G_LM exported from it.

@@ -4,7 +4,8 @@
 #   bash examples/multi_gpu.sh                 # every visible GPU, preset small
 #   NPROC=4 PRESET=paper-110m STEPS=20000 DATA=data/tok bash examples/multi_gpu.sh
 #
-# The per-GPU batch is --batch-size; the global batch is NPROC x --batch-size (x grad accumulation).
+# BATCH is the per-GPU batch; `pldr pretrain --batch-size` takes the global batch (kept fixed across
+# world sizes), so NPROC x BATCH rows are passed.
 # Only rank 0 writes RUN/metrics.jsonl and the checkpoints; rerun with RESUME=1 to continue from the
 # last RUN/step-XXXXXXXX/ folder.
 set -euo pipefail
@@ -23,11 +24,11 @@ fi
 
 EXTRA=()
 [ "${RESUME:-0}" = 1 ] && EXTRA+=(--resume)
-[ "${COMPILE:-0}" = 1 ] && EXTRA+=(--compile)
+[ "${COMPILE:-0}" = 1 ] && EXTRA+=(--compile)   # compile + FSDP2: not yet measured
 
 # Rendezvous on this host only; OMP threads per rank kept small so the data loaders do not fight.
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} torchrun --standalone --nproc-per-node "$NPROC" -m pldr_cli pretrain \
-  --preset "$PRESET" --data "$DATA" --out "$OUT" --steps "$STEPS" --batch-size "$BATCH" \
+  --preset "$PRESET" --data "$DATA" --out "$OUT" --steps "$STEPS" --batch-size "$((NPROC * BATCH))" \
   --device cuda ${EXTRA[@]+"${EXTRA[@]}"}
 
 echo "model: $OUT/final   metrics: $OUT/metrics.jsonl"

@@ -8,7 +8,7 @@
 set -euo pipefail
 
 QS=${QS:-runs/qs}
-STEPS=${STEPS:-200}
+STEPS=${STEPS:-600}
 LIMIT=${LIMIT:-50}
 PROMPT=${PROMPT:-"It was a"}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

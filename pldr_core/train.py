@@ -81,7 +81,8 @@ class TrainArgs:
     """DAG loss coefficients (A_LM, A_P, G_LM)."""
     device: str = "auto"
     compile: bool | None = None
-    """torch.compile each decoder layer; default on for CUDA, off on CPU."""
+    """torch.compile each decoder layer; default on for a single CUDA process (measured 1.4x faster on
+    an H200 for the small preset), off on CPU and under torchrun (compile + FSDP2 not yet measured)."""
     resume: bool = False
     eval_every: int | None = None
     """Validation every N steps (and at the start and the end); default max(1, steps // 10)."""
@@ -299,7 +300,7 @@ def _pretrain(args: TrainArgs, d: parallel.Dist, on_log, on_event) -> TrainResul
 
     model.to(d.device)
     model.train()
-    use_compile = args.compile if args.compile is not None else d.device.type == "cuda"
+    use_compile = args.compile if args.compile is not None else (d.device.type == "cuda" and d.world == 1)
     if use_compile:
         for layer in model.decoder.dec_layers:
             layer.compile()
