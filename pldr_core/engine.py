@@ -196,6 +196,23 @@ class DecodeEngine:
         return self._logits
 
     @torch.no_grad()
+    def warm_up(self) -> None:
+        """Compile (and on CUDA capture) the step now, so that the first real step is a replay.
+
+        A no-op without ``compile``. It writes into the caches, which the next ``prefill`` resets and
+        rewrites (the positions it touches are written again before any query sees them)."""
+        if self.compiled and self._graph is None:
+            self._tok.zero_()
+            self._call(self._tok, 0)
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits [B, V] (a copy) of ``token`` [B] at ``position`` (after ``prefill``)."""
+        if not 0 <= position < self.max_len:
+            raise PLDRError(f"position {position} is outside this engine's {self.max_len} positions")
+        return self._call(token, position).clone()
+
+    @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         """Run the eager model on ``prompt`` [B, S] into the static caches; logits of the last position."""
         B, S = prompt.shape

@@ -163,6 +163,9 @@ class GenerationStats:
     decode_s: float = 0.0
     """Wall time of all decode steps (the batch shares them with the KV-cache on)."""
     new_tokens: int = 0
+    compile_s: float = 0.0
+    """Wall time spent compiling and capturing the decode step before decoding (``compile`` on CUDA);
+    not part of ``decode_s``."""
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -186,6 +189,7 @@ def generate(
     sampler=greedy,
     eos_id: int | None = None,
     stats: GenerationStats | None = None,
+    compile: bool = False,
 ) -> Iterator[Token]:
     """Generate continuations of ``prompts`` (lists of ids, any lengths), yielding ``Token``s.
 
@@ -196,6 +200,14 @@ def generate(
     row's whole text, row by row. ``g_cache``: True (G from each row's prefill), False (none) or a
     filled ``GCache`` (a file; the metric path never runs). Every row therefore gets exactly the
     tokens it gets alone. Tokens are yielded step by step, rows in order within a step.
+
+    ``compile`` (with the KV-cache on; ignored without it): decode through the static-cache
+    ``DecodeEngine`` instead, one engine per group of equal-length prompts, the groups stepped in
+    lockstep so that ``sampler`` still sees all rows' logits [B, V] at once (same draws as the eager
+    path). On CUDA the engine's step is compiled with ``torch.compile`` and replayed as a CUDA graph
+    (compiled before the prefill; that time goes to ``stats.compile_s``); elsewhere the engine runs
+    eagerly (compiling costs more than it saves there). Each row of a group reports the group's
+    prefill time. Same tokens, same EOS stopping, same ``Token``s as the eager path.
     """
     from pldr_core.errors import PLDRError
 
@@ -210,6 +222,10 @@ def generate(
         stats = GenerationStats(rows=[RowTiming() for _ in range(B)])
     else:
         stats.rows = [RowTiming() for _ in range(B)]
+    if compile and kv_cache:
+        yield from _generate_static(model, rows, max_new_tokens=max_new_tokens, g_cache=g_cache,
+                                    sampler=sampler, eos_id=eos_id, stats=stats, device=device)
+        return
     if isinstance(g_cache, GCache):
         gc = g_cache
     elif g_cache and model.config.has_metric_path:
@@ -247,6 +263,82 @@ def generate(
                         texts[b] = torch.cat([texts[b], chosen[b:b + 1]])
                         new[b] = model(texts[b][None], g_cache=g_row(b)).logits[0, -1]
                 logits = new
+        chosen = sampler(logits)
+        ids = chosen.tolist()  # synchronises with the device
+        dt = time.perf_counter() - t0 if step > 0 else 0.0
+        stats.decode_s += dt
+        for b in range(B):
+            if not active[b]:
+                continue
+            timing = stats.rows[b]
+            if step > 0:
+                timing.decode_s += dt
+            is_eos = eos_id is not None and ids[b] == eos_id
+            done = is_eos or step + 1 == max_new_tokens
+            timing.new_tokens += 1
+            stats.new_tokens += 1
+            if done:
+                active[b] = False
+            yield Token(row=b, id=ids[b], index=step, logits=logits[b], done=done,
+                        finish_reason=("eos" if is_eos else "length") if done else None)
+        if not any(active):
+            return
+
+
+@torch.inference_mode(False)
+@torch.no_grad()
+def _generate_static(model, rows, *, max_new_tokens, g_cache, sampler, eos_id, stats, device):
+    """``generate`` with the KV-cache through ``DecodeEngine``s: one per prompt length, in lockstep.
+
+    Runs under no_grad rather than inference mode: the engine's static buffers are updated in place
+    by a compiled step / captured CUDA graph, the setting in which the engine is tested."""
+    from pldr_core.engine import DecodeEngine
+
+    B = len(rows)
+    if not model.config.has_metric_path:
+        g_source, g_file = "none", None  # identity / frozen G: the engine holds it (a G-cache is unused)
+    elif isinstance(g_cache, GCache):
+        g_source, g_file = "file", g_cache
+    else:
+        g_source, g_file = ("prefill" if g_cache else "none"), None
+    groups: dict[int, list[int]] = {}
+    for b, ids in enumerate(rows):
+        groups.setdefault(len(ids), []).append(b)
+    use_compile = device.type == "cuda"
+    engines = []
+    for S, members in groups.items():
+        engine = DecodeEngine(model, batch=len(members), max_len=S + max_new_tokens, g_source=g_source,
+                              g_cache=g_file, compile=use_compile)
+        if use_compile and max_new_tokens > 1:
+            t0 = time.perf_counter()
+            engine.warm_up()
+            _sync(device)
+            stats.compile_s += time.perf_counter() - t0
+        engines.append((S, torch.tensor(members, device=device), members, engine))
+
+    # Prefill: each group at once (equal lengths, so unpadded), into its engine's static caches.
+    logits = None
+    for S, idx, members, engine in engines:
+        t0 = time.perf_counter()
+        out = engine.prefill(torch.stack([rows[b] for b in members]))
+        _sync(device)
+        ms = (time.perf_counter() - t0) * 1e3
+        for b in members:
+            stats.rows[b].prefill_ms = ms
+        if logits is None:
+            logits = out.new_empty(B, out.shape[-1])
+        logits.index_copy_(0, idx, out)
+
+    active = [True] * B
+    for step in range(max_new_tokens):
+        t0 = time.perf_counter()
+        if step > 0:
+            feed = torch.where(torch.tensor(active, device=device), chosen,
+                               torch.full_like(chosen, eos_id if eos_id is not None else 0))
+            new = torch.empty_like(logits)
+            for S, idx, _, engine in engines:
+                new.index_copy_(0, idx, engine.step(feed.index_select(0, idx), S + step - 1))
+            logits = new
         chosen = sampler(logits)
         ids = chosen.tolist()  # synchronises with the device
         dt = time.perf_counter() - t0 if step > 0 else 0.0

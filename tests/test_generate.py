@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from conftest import tiny_model
 from pldr_cli.app import app
 from pldr_core.cache import GCache
-from pldr_core.generate import Sampler, gcache_fidelity, generate
+from pldr_core.generate import GenerationStats, Sampler, gcache_fidelity, generate
 from pldr_core.model import PLDRModel
 
 TOL = 1e-10
@@ -150,6 +150,62 @@ def test_gcache_fidelity(model):
     assert other["max_abs_logit_diff_last"] == pytest.approx(float(want), rel=1e-12) and want > 1e-4
 
 
+# ---- compile: the static-cache engine gives the eager path's tokens ---------------------------------
+MIXED = PROMPTS + [[6, 1, 30], [19]]  # distinct lengths and two groups of equal length (1 and 3)
+
+
+@pytest.fixture
+def engine_calls(monkeypatch):
+    """Counts DecodeEngine prefills, so a test knows the engine really ran."""
+    from pldr_core.engine import DecodeEngine
+
+    calls = []
+    real = DecodeEngine.prefill
+
+    def counting(self, prompt):
+        calls.append(tuple(prompt.shape))
+        return real(self, prompt)
+
+    monkeypatch.setattr(DecodeEngine, "prefill", counting)
+    return calls
+
+
+@pytest.mark.parametrize("g", ["file", True, False])
+def test_compile_gives_the_eager_tokens(model, g, engine_calls):
+    gc = file_gcache(model, PROMPTS[2]) if g == "file" else g
+    eager_t, eager_l = collect(model, MIXED, 10, g_cache=gc)
+    assert engine_calls == []
+    stats = GenerationStats(rows=[])
+    fast_t, fast_l = collect(model, MIXED, 10, g_cache=gc, compile=True, stats=stats)
+    assert sorted(engine_calls) == sorted([(2, 1), (2, 3), (1, 7), (1, 5)])  # one prefill per length
+    assert fast_t == eager_t
+    for a, b in zip(fast_l, eager_l):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+    assert stats.new_tokens == 10 * len(MIXED) and all(r.prefill_ms > 0 for r in stats.rows)
+    assert stats.decode_s > 0 and stats.compile_s == 0.0  # nothing is compiled on CPU
+    # each row alone, through the engine, also gets the same tokens
+    assert collect(model, MIXED[4:5], 10, g_cache=gc, compile=True)[0][0] == eager_t[4]
+
+
+def test_compile_stops_at_eos_samples_alike_and_needs_the_kv_cache(model, engine_calls):
+    alone = [collect(model, [p], 10)[0][0] for p in MIXED]
+    eos = alone[2][3]
+    assert collect(model, MIXED, 10, eos_id=eos, compile=True)[0] == collect(model, MIXED, 10, eos_id=eos)[0]
+    for seed in (7, 8):
+        kw = dict(temperature=1.5, top_k=None, seed=seed)
+        assert collect(model, MIXED, 16, sampler=Sampler(**kw), compile=True)[0] == \
+            collect(model, MIXED, 16, sampler=Sampler(**kw))[0]
+    engine_calls.clear()
+    no_kv = collect(model, MIXED[:2], 6, kv_cache=False, compile=True)[0]
+    assert engine_calls == [] and no_kv == collect(model, MIXED[:2], 6, kv_cache=False)[0]
+
+
+@pytest.mark.parametrize("g_mode", ["identity", "random"])
+def test_compile_without_a_metric_path(g_mode):
+    m = tiny_model(g_mode, seed=4)
+    assert collect(m, MIXED, 8, compile=True)[0] == collect(m, MIXED, 8)[0]
+
+
 # ---- CLI -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, spm_model):
@@ -231,3 +287,23 @@ def test_cli_generate_errors(model_dir, tmp_path, spm_model):
     assert run_cli("generate", bare, "--tokens", "3,5", "-n", 2, "--json").exit_code == 0
     # --force accepts a foreign G of the same shape
     assert gen_json(model_dir, "--prompt", "the", "-n", 2, "--gcache", foreign, "--force")[0]["g_cache"] == "file"
+
+
+def test_cli_generate_compile_gives_the_same_tokens(model_dir, tmp_path):
+    (tmp_path / "p.txt").write_text("the metric tensor\npower law\nthe model\nkeys and values\n")
+    g = tmp_path / "g.safetensors"
+    assert run_cli("export-gcache", model_dir, "--out", g).exit_code == 0
+    for extra in ([], ["--gcache", g], ["--no-g-cache"], ["--seed", 3, "--temperature", 1.3]):
+        if "--seed" not in extra:
+            extra = extra + ["--greedy"]
+        default = gen_json(model_dir, "--prompts-file", tmp_path / "p.txt", "-n", 10, *extra)
+        eager = gen_json(model_dir, "--prompts-file", tmp_path / "p.txt", "-n", 10, "--no-compile", *extra)
+        fast = gen_json(model_dir, "--prompts-file", tmp_path / "p.txt", "-n", 10, "--compile", *extra)
+        assert [r["tokens"] for r in fast] == [r["tokens"] for r in eager] == [r["tokens"] for r in default]
+        assert [r["text"] for r in fast] == [r["text"] for r in eager]
+        assert [r["finish_reason"] for r in fast] == [r["finish_reason"] for r in eager]
+        assert all(r["compile"] for r in fast) and not any(r["compile"] for r in eager + default)
+    ignored = gen_json(model_dir, "--prompt", "the", "-n", 3, "--compile", "--no-kv-cache")
+    assert ignored[0]["compile"] is False
+    r = run_cli("generate", model_dir, "--prompt", "the model", "-n", 4, "--compile", "--device", "cpu")
+    assert r.exit_code == 0 and "static engine" in r.stderr

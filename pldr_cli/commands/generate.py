@@ -20,7 +20,11 @@ EPILOG = """Examples:
 
   pldr generate runs/small/final --prompt "hello" --no-kv-cache --no-g-cache
 
-With --gcache FILE (from `pldr export-gcache`) the metric path never runs, not even at prefill, and the command also reports how far that G-cache moves the prompt's logits from full PLGA (max |logit diff| and greedy next-token agreement): the paper's claim, measured. Several prompts are decoded together as one batch; each gets the tokens it gets alone. --json prints one JSON object per prompt per line."""
+  pldr generate runs/small/final -p "hello" --gcache g-eos.safetensors --device cuda --compile
+
+With --gcache FILE (from `pldr export-gcache`) the metric path never runs, not even at prefill, and the command also reports how far that G-cache moves the prompt's logits from full PLGA (max |logit diff| and greedy next-token agreement): the paper's claim, measured. Several prompts are decoded together as one batch; each gets the tokens it gets alone. --json prints one JSON object per prompt per line.
+
+--compile (default on CUDA with the KV-cache) decodes through a static-cache engine whose step is compiled with torch.compile and replayed as a CUDA graph: measured on an H200 at about 2,450 tokens/s at batch 1 with a G-cache file, against about 150-190 tokens/s for eager decoding, with the same greedy tokens. The one-off compile time is reported apart (compile_s). On CPU --compile runs the same engine without torch.compile (no speed-up expected); with --no-kv-cache it is ignored."""
 
 
 def register(app: typer.Typer) -> None:
@@ -58,6 +62,10 @@ def generate(
                                    "model directory's tokenizer.model)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 or float64."),
+    compile_: bool = typer.Option(None, "--compile/--no-compile", help="Static-cache engine, compiled "
+                                  "with CUDA graphs on CUDA (H200, batch 1, G-cache file: ~2,450 vs "
+                                  "~150-190 tokens/s eager). Default: on for CUDA with the KV-cache, off "
+                                  "on CPU (there it runs uncompiled). Ignored with --no-kv-cache."),
 ) -> None:
     from pldr_core.checkpoint import detect_layout, load_config
     from pldr_core.generate import (GenerationStats, Sampler, continuation_text, encode_prompt,
@@ -104,6 +112,8 @@ def generate(
     has_metric = net.config.has_metric_path
     g_state = ("file" if gc is not None else "prefill" if g_cache else "off") if has_metric else "n/a"
     g_arg = gc if gc is not None else g_cache
+    on_cuda = next(net.parameters()).device.type == "cuda"
+    use_compile = kv_cache and (on_cuda if compile_ is None else compile_)
     if stream is None:
         stream = len(prompts) == 1 and not as_json
     stream = stream and not as_json
@@ -118,7 +128,8 @@ def generate(
         out.write(labels[0])
         out.flush()
     for t in run_generate(net, prompts, max_new_tokens=max_new_tokens, kv_cache=kv_cache,
-                          g_cache=g_arg, sampler=sampler, eos_id=net.config.eos_id, stats=stats):
+                          g_cache=g_arg, sampler=sampler, eos_id=net.config.eos_id, stats=stats,
+                          compile=use_compile):
         new_ids[t.row].append(t.id)
         if t.done:
             finish[t.row] = t.finish_reason
@@ -153,6 +164,8 @@ def generate(
             "decode_tokens_per_s": None if rate is None else round(rate, 2),
             "kv_cache": kv_cache,
             "g_cache": g_state,
+            "compile": use_compile,
+            "compile_s": round(stats.compile_s, 3),
             "sampling": "greedy" if sampler.greedy else {"temperature": temperature, "top_k": top_k or None,
                                                          "top_p": top_p, "seed": seed},
         }
@@ -210,6 +223,10 @@ def _summary(results: list[dict], batch_rate) -> None:
         line = (f"{tag}{len(row['new_tokens'])} new tokens ({row['finish_reason']}), prefill "
                 f"{row['prefill_ms']:.1f} ms, decode {'-' if rate is None else f'{rate:.1f}'} tokens/s, "
                 f"kv-cache {'on' if row['kv_cache'] else 'off'}, g-cache {row['g_cache']}")
+        if row["compile"]:
+            line += ", static engine"
+            if row["compile_s"]:
+                line += f" (compiled in {row['compile_s']:.1f} s)"
         fid = row.get("gcache_fidelity")
         if fid is not None:
             line += (f"\n{tag}G-cache vs full PLGA on this prompt: max |logit diff| "
