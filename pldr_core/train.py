@@ -34,6 +34,8 @@ from pldr_core.config import PLDRConfig
 from pldr_core.errors import PLDRError
 
 STEP_DIR = re.compile(r"step-(\d{8})$")
+DAG_LOG_EVERY = 10
+"""Without DAG terms in the loss, they are still logged: every this many steps (and at validations)."""
 OPTIM_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -404,6 +406,10 @@ def _pretrain(args: TrainArgs, d: parallel.Dist, on_log, on_event) -> TrainResul
                 n_global = parallel.all_reduce_sum(counts, d).item()
                 stats = torch.zeros(2, dtype=torch.float64, device=d.device)  # ce sum, correct
                 dag_log: dict[str, torch.Tensor] = {}
+                # Logged DAG terms cost three matrix exponentials per layer: take them every
+                # DAG_LOG_EVERY steps, at validations and at the end (every step when in the loss).
+                nxt = step + 1
+                log_dag = (nxt % DAG_LOG_EVERY == 0 or nxt % eval_every == 0 or nxt == args.steps)
                 for m in range(args.grad_accum):
                     chunk = rows[m * micro:(m + 1) * micro]
                     x, y = chunk[:, :-1], chunk[:, 1:]
@@ -420,7 +426,7 @@ def _pretrain(args: TrainArgs, d: parallel.Dist, on_log, on_event) -> TrainResul
                                 if c and key in terms:
                                     loss = loss + c * terms[key] / args.grad_accum
                             dag_log = {k: v.detach() for k, v in terms.items()}
-                        elif sync:
+                        elif sync and log_dag:
                             with torch.no_grad():
                                 dag_log = dag_terms([{k: v.detach() for k, v in dd.items()}
                                                      for dd in out.deductive])
