@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pldr_core.config import PLDRConfig, preset as make_preset
+from pldr_core.device import resolve_device
 from pldr_core.errors import PLDRError
 
 # Dense bf16 peak of the chips we know (for MFU); others report MFU as null.
@@ -28,16 +29,6 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 WHATS = ("train", "decode", "all")
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise PLDRError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PLDRError("--device cuda asked for, but torch sees no CUDA device")
-    return dev
 
 
 def device_name(dev: torch.device) -> str:

@@ -37,22 +37,13 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from pldr_core.device import resolve_device
 from pldr_core.errors import PLDRError
 
 Progress = Callable[[int, int, str], None]
 """progress(advance, total, description): called as windows/requests finish."""
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise PLDRError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PLDRError(f"device {device} asked for but CUDA is not available; use --device cpu")
-    return dev
 
 
 def load_tokenizer(model_path: str | Path, tokenizer: str | Path | None = None):

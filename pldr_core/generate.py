@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from pldr_core.cache import GCache, KVCache
+from pldr_core.device import resolve_device, resolve_dtype
 
 
 @dataclass
@@ -447,33 +448,6 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return ids or [tokenizer.eos_id]
 
 
-def resolve_device(device: str | None) -> torch.device:
-    from pldr_core.errors import PLDRError
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise PLDRError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PLDRError(f"device {device} requested but CUDA is not available here")
-    return dev
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float64": torch.float64, "fp64": torch.float64}
-
-
-def resolve_dtype(name: str | None) -> torch.dtype:
-    from pldr_core.errors import PLDRError
-
-    if name is None:
-        return torch.float32
-    if name not in DTYPES:
-        raise PLDRError(f"unknown dtype {name!r}; use float32, bfloat16, float16 or float64")
-    return DTYPES[name]
 
 
 def load_for_generation(model_path, *, device=None, dtype=None, gcache=None, force: bool = False):

@@ -40,8 +40,8 @@ def export_gcache(
 ) -> None:
     from pldr_core.checkpoint import detect_layout, load_config
     from pldr_core.gcache import REDUCTIONS, export_gcache as run_export
-    from pldr_core.generate import (find_tokenizer, parse_token_ids, read_prompts_file,
-                                    resolve_device)
+    from pldr_core.device import resolve_device
+    from pldr_core.generate import find_tokenizer, parse_token_ids, read_prompts_file
 
     if reduce not in REDUCTIONS:
         raise fail(f"--reduce must be first or mean, got {reduce!r}")

@@ -70,7 +70,8 @@ def generate(
     from pldr_core.checkpoint import detect_layout, load_config
     from pldr_core.generate import (GenerationStats, Sampler, continuation_text, encode_prompt,
                                     find_tokenizer, gcache_fidelity, load_for_generation,
-                                    parse_token_ids, read_prompts_file, resolve_dtype)
+                                    parse_token_ids, read_prompts_file)
+    from pldr_core.device import resolve_dtype
     from pldr_core.generate import generate as run_generate
 
     # ---- validate everything before loading weights --------------------------------------------
