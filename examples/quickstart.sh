@@ -10,7 +10,7 @@ set -euo pipefail
 QS=${QS:-runs/qs}
 STEPS=${STEPS:-600}
 LIMIT=${LIMIT:-50}
-PROMPT=${PROMPT:-"It was a"}
+PROMPT=${PROMPT:-"To be, or not to be"}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 mkdir -p "$QS"
 
