@@ -248,22 +248,39 @@ def generate(
         stats.rows[b].prefill_ms = (time.perf_counter() - t0) * 1e3
     logits = torch.stack(last)
 
-    active = [True] * B
     texts = list(rows)
+
+    def next_logits(step, chosen, active, previous):
+        if kv is not None:
+            return model(_feed(chosen, active, eos_id)[:, None], kv_cache=kv, g_cache=gc).logits[:, -1]
+        new = previous.clone()  # finished rows keep their (unused) logits
+        for b in range(B):
+            if active[b]:
+                texts[b] = torch.cat([texts[b], chosen[b:b + 1]])
+                new[b] = model(texts[b][None], g_cache=g_row(b)).logits[0, -1]
+        return new
+
+    yield from _decode_loop(logits, next_logits, max_new_tokens=max_new_tokens, sampler=sampler,
+                            eos_id=eos_id, stats=stats)
+
+
+def _feed(chosen: torch.Tensor, active: list[bool], eos_id: int | None) -> torch.Tensor:
+    """The next input ids: the chosen tokens, with EOS fed to rows that have already finished."""
+    done_id = torch.full_like(chosen, eos_id if eos_id is not None else 0)
+    return torch.where(torch.tensor(active, device=chosen.device), chosen, done_id)
+
+
+def _decode_loop(logits, next_logits, *, max_new_tokens, sampler, eos_id, stats):
+    """Sample, time and yield one ``Token`` per active row per step; ``next_logits(step, chosen,
+    active, logits)`` runs the model for the steps after the first (whose ``logits`` come from the
+    prefill)."""
+    B = logits.shape[0]
+    active = [True] * B
+    chosen = None
     for step in range(max_new_tokens):
         t0 = time.perf_counter()
         if step > 0:
-            if kv is not None:
-                feed = torch.where(torch.tensor(active, device=device), chosen,
-                                   torch.full_like(chosen, eos_id if eos_id is not None else 0))
-                logits = model(feed[:, None], kv_cache=kv, g_cache=gc).logits[:, -1]
-            else:
-                new = logits.clone()
-                for b in range(B):
-                    if active[b]:
-                        texts[b] = torch.cat([texts[b], chosen[b:b + 1]])
-                        new[b] = model(texts[b][None], g_cache=g_row(b)).logits[0, -1]
-                logits = new
+            logits = next_logits(step, chosen, active, logits)
         chosen = sampler(logits)
         ids = chosen.tolist()  # synchronises with the device
         dt = time.perf_counter() - t0 if step > 0 else 0.0
@@ -330,36 +347,15 @@ def _generate_static(model, rows, *, max_new_tokens, g_cache, sampler, eos_id, s
             logits = out.new_empty(B, out.shape[-1])
         logits.index_copy_(0, idx, out)
 
-    active = [True] * B
-    for step in range(max_new_tokens):
-        t0 = time.perf_counter()
-        if step > 0:
-            feed = torch.where(torch.tensor(active, device=device), chosen,
-                               torch.full_like(chosen, eos_id if eos_id is not None else 0))
-            new = torch.empty_like(logits)
-            for S, idx, _, engine in engines:
-                new.index_copy_(0, idx, engine.step(feed.index_select(0, idx), S + step - 1))
-            logits = new
-        chosen = sampler(logits)
-        ids = chosen.tolist()  # synchronises with the device
-        dt = time.perf_counter() - t0 if step > 0 else 0.0
-        stats.decode_s += dt
-        for b in range(B):
-            if not active[b]:
-                continue
-            timing = stats.rows[b]
-            if step > 0:
-                timing.decode_s += dt
-            is_eos = eos_id is not None and ids[b] == eos_id
-            done = is_eos or step + 1 == max_new_tokens
-            timing.new_tokens += 1
-            stats.new_tokens += 1
-            if done:
-                active[b] = False
-            yield Token(row=b, id=ids[b], index=step, logits=logits[b], done=done,
-                        finish_reason=("eos" if is_eos else "length") if done else None)
-        if not any(active):
-            return
+    def next_logits(step, chosen, active, previous):
+        feed = _feed(chosen, active, eos_id)
+        new = torch.empty_like(previous)
+        for S, idx, _, engine in engines:
+            new.index_copy_(0, idx, engine.step(feed.index_select(0, idx), S + step - 1))
+        return new
+
+    yield from _decode_loop(logits, next_logits, max_new_tokens=max_new_tokens, sampler=sampler,
+                            eos_id=eos_id, stats=stats)
 
 
 # ---- the paper's claim, measured ---------------------------------------------------------------
