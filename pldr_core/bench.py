@@ -27,6 +27,7 @@ from pldr_core.errors import PLDRError
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 WHATS = ("train", "decode", "all")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 
 
@@ -79,15 +80,16 @@ def _build(config: PLDRConfig, dev: torch.device, seed: int):
 
 # ---- training ---------------------------------------------------------------------------------------
 def bench_train_one(config: PLDRConfig, dev: torch.device, *, batch: int, seq_len: int, steps: int,
-                    warmup: int, compile: bool, seed: int = 0) -> dict:
-    """Tokens/s of full training steps for one model."""
+                    warmup: int, compile: bool, compile_mode: str | None = None, seed: int = 0) -> dict:
+    """Tokens/s of full training steps for one model (``compile_mode``: torch.compile's mode)."""
     from pldr_core.kernels import optimize_for_training
 
     model = _build(config, dev, seed).train()
     cuda = dev.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1,
                             fused=cuda)
-    fwd = optimize_for_training(model, dev) if compile else model
+    fwd = optimize_for_training(model, dev, mode=compile_mode) if compile else model
+    graphs = compile and compile_mode in ("reduce-overhead", "max-autotune")  # CUDA graph trees
     V = config.vocab_size
 
     def loss_fn(x, y):
@@ -96,12 +98,14 @@ def bench_train_one(config: PLDRConfig, dev: torch.device, *, batch: int, seq_le
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=config.pad_id)
 
     if compile:
-        loss_fn = torch.compile(loss_fn)
+        loss_fn = torch.compile(loss_fn, **({"mode": compile_mode} if compile_mode else {}))
     gen = torch.Generator().manual_seed(seed)
     data = torch.randint(4, V, (batch, seq_len + 1), generator=gen).to(dev)
     x, y = data[:, :-1], data[:, 1:]
 
     def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         loss = loss_fn(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
@@ -142,13 +146,16 @@ def bench_train_one(config: PLDRConfig, dev: torch.device, *, batch: int, seq_le
 
 
 def bench_train(config: PLDRConfig, dev: torch.device, *, batch: int, seq_len: int, steps: int,
-                warmup: int, compile: bool, log: Callable[[str], None] = lambda s: None) -> dict:
+                warmup: int, compile: bool, compile_mode: str | None = None,
+                log: Callable[[str], None] = lambda s: None) -> dict:
     out = {"batch": batch, "seq_len": seq_len, "steps": steps, "warmup": warmup, "compile": compile,
+           "compile_mode": (compile_mode or "default") if compile else None,
            "dtype": "bf16-autocast" if dev.type == "cuda" else "fp32"}
     for g_mode in ("learned", "identity"):
         log(f"train {g_mode}-G: batch {batch} x {seq_len}, {steps} steps" + (" (compiled)" if compile else ""))
         out[g_mode] = bench_train_one(config.replace(g_mode=g_mode), dev, batch=batch, seq_len=seq_len,
-                                      steps=steps, warmup=warmup, compile=compile)
+                                      steps=steps, warmup=warmup, compile=compile,
+                                      compile_mode=compile_mode)
     out["ratio_learned_identity"] = out["learned"]["tokens_per_s"] / out["identity"]["tokens_per_s"]
     return out
 
@@ -259,12 +266,15 @@ def defaults_for(dev: torch.device, config: PLDRConfig) -> dict:
 
 def run_bench(what: str = "all", *, preset: str = "tiny", device: str = "auto", batch: int | None = None,
               seq_len: int | None = None, steps: int | None = None, compile: bool | None = None,
-              decode_batch: int | None = None, prompt_len: int | None = None,
+              compile_mode: str | None = None, decode_batch: int | None = None, prompt_len: int | None = None,
               new_tokens: int | None = None, eager_decode: bool = True,
               log: Callable[[str], None] = lambda s: None) -> dict:
     """Run the benchmark; returns {"train": ..., "decode": ..., "device": ..., "torch": ...}."""
     if what not in WHATS:
         raise PLDRError(f"unknown benchmark {what!r}; choose one of {', '.join(WHATS)}")
+    if compile_mode not in COMPILE_MODES:
+        raise PLDRError(f"unknown --compile-mode {compile_mode!r}; choose one of "
+                        f"{', '.join(m for m in COMPILE_MODES if m)}")
     for name, value in (("--batch", batch), ("--seq-len", seq_len), ("--steps", steps),
                         ("--decode-batch", decode_batch), ("--prompt-len", prompt_len),
                         ("--new-tokens", new_tokens)):
@@ -287,7 +297,8 @@ def run_bench(what: str = "all", *, preset: str = "tiny", device: str = "auto", 
               "config": {k: v for k, v in config.to_dict().items() if k not in ("dag", "g_source")}}
     if what in ("train", "all"):
         result["train"] = bench_train(config, dev, batch=batch, seq_len=seq_len, steps=steps or d["steps"],
-                                      warmup=d["warmup"], compile=compile, log=log)
+                                      warmup=d["warmup"], compile=compile, compile_mode=compile_mode,
+                                      log=log)
     if what in ("decode", "all"):
         batches = sorted({1, decode_batch or d["decode_batch"]})
         result["decode"] = bench_decode(config, dev, batches=batches, prompt_len=prompt_len,

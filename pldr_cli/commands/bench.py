@@ -37,6 +37,8 @@ def bench(
     steps: int = typer.Option(None, "--steps", help="Timed training steps (default 20 GPU, 3 CPU)."),
     compile: bool = typer.Option(None, "--compile/--no-compile",
                                  help="torch.compile training and the decode engine (default: on GPU)."),
+    compile_mode: str = typer.Option(None, "--compile-mode", help="torch.compile mode for training: "
+                                     "default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs."),
     decode_batch: int = typer.Option(None, "--decode-batch", help="The larger decode batch (16 GPU, 4 CPU)."),
     prompt_len: int = typer.Option(None, "--prompt-len", help="Random prompt tokens (32 GPU, 8 CPU)."),
     new_tokens: int = typer.Option(None, "--new-tokens", help="Greedy new tokens (256 GPU, 16 CPU)."),
@@ -53,6 +55,7 @@ def bench(
     err = console(stderr=True)
     log = (lambda s: err.print(f"[dim]{s}[/dim]")) if is_terminal() else (lambda s: typer.echo(s, err=True))
     result = run_bench(what, preset=preset, device=device, batch=batch, seq_len=seq_len, steps=steps,
+                       compile_mode=compile_mode,
                        compile=compile, decode_batch=decode_batch, prompt_len=prompt_len,
                        new_tokens=new_tokens, eager_decode=eager_decode, log=log)
     if json_file is not None:
