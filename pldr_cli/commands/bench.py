@@ -38,7 +38,7 @@ def bench(
     compile: bool = typer.Option(None, "--compile/--no-compile",
                                  help="torch.compile training and the decode engine (default: on GPU)."),
     compile_mode: str = typer.Option(None, "--compile-mode", help="torch.compile mode for training: "
-                                     "default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs."),
+                                     "default, reduce-overhead (CUDA graphs; the default on CUDA), max-autotune-no-cudagraphs."),
     decode_batch: int = typer.Option(None, "--decode-batch", help="The larger decode batch (16 GPU, 4 CPU)."),
     prompt_len: int = typer.Option(None, "--prompt-len", help="Random prompt tokens (32 GPU, 8 CPU)."),
     new_tokens: int = typer.Option(None, "--new-tokens", help="Greedy new tokens (256 GPU, 16 CPU)."),
