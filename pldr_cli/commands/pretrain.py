@@ -52,7 +52,7 @@ class _Display:
         self.steps = steps
         self.rich = is_terminal()
         self.con = console()
-        self.con.print(start_note)
+        self.note = start_note  # printed with the first record, so bad input stays a single line
         self.every = max(1, steps // 20)
         if self.rich:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -71,7 +71,13 @@ class _Display:
         if self.rich:
             self.progress.__exit__(*exc)
 
+    def _announce(self) -> None:
+        if self.note:
+            (self.progress.console if self.rich else self.con).print(self.note)
+            self.note = None
+
     def log(self, rec: dict) -> None:
+        self._announce()
         if "loss" not in rec:
             self.con.print(f"step {rec['step']}: val_loss {rec['val_loss']:.4f}")
             return
@@ -87,6 +93,7 @@ class _Display:
             typer.echo(f"step {rec['step']}/{self.steps}: {info}")
 
     def event(self, text: str) -> None:
+        self._announce()
         (self.progress.console if self.rich else self.con).print(text, style="dim")
 
 
