@@ -77,21 +77,27 @@ class KVCache:
     def store_A(self, layer: int, A: torch.Tensor) -> None:
         self.A[layer].copy_(A)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        """Write k, v [B, H, S, dk] at ``positions`` [B, S]; return the keys, values and the bool mask
-        [B, S, T'] over the T' cached positions that any query may see."""
-        B, H, S, dk = k.shape
-        if int(positions.max()) >= self.max_len:
+    def begin(self, positions: torch.Tensor) -> None:
+        """Called by the model once per forward, before the layers: checks room for ``positions``
+        [B, S] and builds the mask they share (one host sync per forward, not one per layer)."""
+        end = int(positions.max()) + 1
+        if end > self.max_len:
             raise PLDRError(
                 f"KV-cache holds {self.max_len} positions per row; allocate it for prompt + max_new_tokens"
             )
+        keys = torch.arange(end, device=positions.device)
+        self._end = end
+        self._mask = keys[None, None, :] <= positions[:, :, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Write k, v [B, H, S, dk] at ``positions`` [B, S]; return the keys, values and the bool mask
+        [B, S, T'] over the T' cached positions that any query may see (see ``begin``)."""
+        B, H, S, dk = k.shape
         idx = positions[:, None, :, None].expand(B, H, S, dk)
         self.k[layer].scatter_(2, idx, k.to(self.k.dtype))
         self.v[layer].scatter_(2, idx, v.to(self.v.dtype))
-        end = int(positions.max()) + 1
-        keys = torch.arange(end, device=positions.device)
-        mask = keys[None, None, :] <= positions[:, :, None]
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask
+        end = self._end
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], self._mask
 
     def advance(self, positions: torch.Tensor) -> None:
         """Called by the model after all layers ran: lengths move past ``positions``; A is frozen."""

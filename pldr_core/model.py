@@ -113,6 +113,8 @@ class PLDRModel(nn.Module):
             start = kv_cache.lengths[:, None] if kv_cache is not None else 0
             positions = start + torch.arange(S, device=tokens.device)[None, :]
             positions = positions.expand(B, S)
+        if kv_cache is not None:
+            kv_cache.begin(positions)
         x = self.decoder.embedding(tokens) * math.sqrt(self.config.d_model)
         x = self.decoder.layernorm1(x)
         deductive, attentions = [], []
