@@ -269,6 +269,9 @@ def _pretrain(args: TrainArgs, d: parallel.Dist, on_log, on_event) -> TrainResul
             saved = json.loads((resume_from / STATE_FILE).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise PLDRError(f"cannot read {resume_from / STATE_FILE}: {exc}") from None
+        if args.warmup is None and "warmup" in saved.get("run", {}):
+            # The default warm-up follows --steps; extending a run keeps the one it started with.
+            identity["warmup"] = warmup = saved["run"]["warmup"]
         diff = [k for k in RUN_KEYS if saved.get("run", {}).get(k) != identity[k]]
         if diff:
             raise PLDRError(f"--resume: {resume_from} is from another run (different {', '.join(diff)}); "

@@ -150,3 +150,17 @@ def test_nan_loss_is_reported_with_the_step(tmp_path, tok_dir):
              "--seq-len", 32, "--lr", "1e30", "--warmup", 0, "--eval-every", 100, "--device", "cpu")
     assert r.exit_code == 1, r.output
     assert "at step" in r.output and ("nan" in r.output.lower() or "inf" in r.output.lower())
+
+
+def test_resume_can_extend_a_finished_run(tmp_path, tok_dir):
+    from pldr_core.train import pretrain
+
+    args = dict(warmup=None, eval_every=4)
+    first = pretrain(_args(tok_dir, tmp_path / "run", steps=8, **args))
+    assert first.steps_done == 8
+    # The default warm-up follows --steps (8 // 10 = 0 here, 16 // 10 = 1): a longer --resume keeps
+    # the warm-up the run started with instead of calling itself another run.
+    more = pretrain(_args(tok_dir, tmp_path / "run", steps=16, resume=True, **args))
+    assert more.steps_done == 16 and not more.interrupted
+    state = json.loads(sorted((tmp_path / "run").glob("step-*/trainer_state.json"))[-1].read_text())
+    assert state["run"]["warmup"] == 0
