@@ -58,3 +58,19 @@ def print_json(obj) -> None:
 
 def is_terminal() -> bool:
     return sys.stdout.isatty()
+
+
+class LiveDisplay:
+    """Base of the commands' progress displays: subclasses set ``self.progress`` to a rich Progress
+    in a terminal (None otherwise); this enters and leaves it with the display."""
+
+    progress = None
+
+    def __enter__(self):
+        if self.progress is not None:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)

@@ -39,17 +39,22 @@ def test_saved_tensor_names_follow_the_reference_layout(tmp_path, golden_dir):
                                               num_reslayerA=2, num_denseA=2)).state_dict())
 
 
+def _write_hf_config(folder, cfg, **fields):
+    """A HF ``PldrllmConfig`` JSON (its field names) for a model of config ``cfg``."""
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "pldrllm", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads, "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.dff, "max_position_embeddings": cfg.max_seq_len, **fields}))
+
+
 def test_hf_layout_import_reproduces_logits(tmp_path):
     model = tiny_model("learned", dtype=torch.float32)
     cfg = model.config
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({
-        "model_type": "pldrllm", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads, "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.dff, "A_dff": cfg.A_dff, "num_reslayerA": cfg.num_reslayerA,
-        "num_denseA": cfg.num_denseA, "max_position_embeddings": cfg.max_seq_len, "reference_rope": True,
-        "custom_G_type": None, "rope_theta": 10000.0, "layer_norm_eps": 1e-6, "eos_token_id": 3}))
+    _write_hf_config(hf, cfg, A_dff=cfg.A_dff, num_reslayerA=cfg.num_reslayerA, num_denseA=cfg.num_denseA,
+                     reference_rope=True, custom_G_type=None, rope_theta=10000.0, layer_norm_eps=1e-6,
+                     eos_token_id=3)
     save_file(state_dict_for_save(model), str(hf / "model.safetensors"))
     loaded = load_model(hf)
     assert loaded.config.rope_style == "interleaved" and loaded.config.g_mode == "learned"
@@ -61,11 +66,7 @@ def test_hf_layout_with_predefined_g_imports_as_fixed(tmp_path):
     cfg = model.config
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({
-        "model_type": "pldrllm", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads, "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.dff, "max_position_embeddings": cfg.max_seq_len, "reference_rope": False,
-        "custom_G_type": "external"}))
+    _write_hf_config(hf, cfg, reference_rope=False, custom_G_type="external")
     G = torch.randn(cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.head_dim)
     past = torch.zeros(cfg.num_layers, 3, 1, cfg.num_heads, cfg.head_dim, cfg.head_dim)
     past[:, 2, 0] = G

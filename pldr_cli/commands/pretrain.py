@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pldr_cli._common import console, handle_errors, is_terminal
+from pldr_cli._common import LiveDisplay, console, handle_errors, is_terminal
 
 EPILOG = """Examples:
 
@@ -45,7 +45,7 @@ def _parse_dag(text: str | None):
     return values
 
 
-class _Display:
+class _Display(LiveDisplay):
     """Rank 0: a rich progress line in a terminal, plain lines otherwise."""
 
     def __init__(self, steps: int, start_note: str):
@@ -61,15 +61,6 @@ class _Display:
                                      TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
                                      console=self.con)
             self.task = self.progress.add_task("train", total=steps, info="")
-
-    def __enter__(self):
-        if self.rich:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.rich:
-            self.progress.__exit__(*exc)
 
     def _announce(self) -> None:
         if self.note:

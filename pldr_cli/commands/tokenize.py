@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pldr_cli._common import console, handle_errors, is_terminal, print_json
+from pldr_cli._common import LiveDisplay, console, handle_errors, is_terminal, print_json
 
 EPILOG = """Examples:
 
@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
                      "uses the embedded public-domain corpus.")(tokenize)
 
 
-class _Bars:
+class _Bars(LiveDisplay):
     """A rich progress bar per stage in a terminal, plain lines otherwise."""
 
     def __init__(self):
@@ -41,15 +41,6 @@ class _Bars:
 
             self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<16}"), BarColumn(),
                                      MofNCompleteColumn(), TimeElapsedColumn(), console=console())
-
-    def __enter__(self):
-        if self.rich:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.rich:
-            self.progress.__exit__(*exc)
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         if self.rich:
