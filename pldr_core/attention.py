@@ -95,6 +95,12 @@ def rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> tuple[to
     return angles.cos(), angles.sin()
 
 
+def rope_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin for ``positions`` [B, S], shaped [B, 1, S, head_dim/2] to broadcast over heads."""
+    cos, sin = rope_angles(positions, head_dim, base)
+    return cos[:, None], sin[:, None]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
     """Rotate x [B, H, S, dk] by angles given as cos/sin [B or 1, 1, S, dk/2]."""
     cos = cos.to(x.dtype)
@@ -175,6 +181,7 @@ class PLGAttention(nn.Module):
         explicit: bool = False,
         need_deductive: bool = False,
         need_weights: bool = False,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """x [B, S, d] at integer ``positions`` [B, S] -> (out [B, S, d], deductive dict|None, weights|None).
 
@@ -187,8 +194,8 @@ class PLGAttention(nn.Module):
         q = self.wq(x).view(B, S, H, dk).transpose(1, 2)
         k = self.wk(x).view(B, S, H, dk).transpose(1, 2)
         v = self.wv(x).view(B, S, H, dk).transpose(1, 2)
-        cos, sin = rope_angles(positions, dk, self.rope_base)
-        cos, sin = cos[:, None], sin[:, None]
+        # The model passes ``rope`` (cos, sin [B, 1, S, dk/2]) computed once for all layers.
+        cos, sin = rope if rope is not None else rope_tables(positions, dk, self.rope_base)
         q = apply_rope(q, cos, sin, self.rope_style)
         k = apply_rope(k, cos, sin, self.rope_style)
 

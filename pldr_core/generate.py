@@ -420,18 +420,10 @@ def parse_token_ids(spec: str, vocab_size: int) -> list[int]:
 
 def read_prompts_file(path) -> list[str]:
     """One prompt per line (blank lines skipped); PLDRError when missing or empty."""
-    from pathlib import Path
-
     from pldr_core.errors import PLDRError
+    from pldr_core.io import read_text_lines
 
-    path = Path(path)
-    if not path.is_file():
-        raise PLDRError(f"prompts file not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PLDRError(f"cannot read prompts file {path}: {exc}") from None
-    prompts = [line for line in lines if line.strip()]
+    prompts = [line for line in read_text_lines(path, "prompts file") if line.strip()]
     if not prompts:
         raise PLDRError(f"prompts file {path} holds no prompts (one per line)")
     return prompts

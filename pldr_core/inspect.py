@@ -24,6 +24,7 @@ import torch
 from pldr_core.cache import GCache, KVCache
 from pldr_core.errors import PLDRError
 from pldr_core.generate import decode_steps
+from pldr_core.io import read_text_lines
 from pldr_core.model import dag_loss_term
 
 STAT_TENSORS = ("A_LM", "A_P", "G_LM")
@@ -68,15 +69,9 @@ def collect_prompts(*, eos_id: int, tokenizer=None, prompts: list[str] | None = 
     """
     texts: list[str] = list(prompts or [])
     if prompts_file is not None:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise PLDRError(f"prompts file not found: {path}")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PLDRError(f"cannot read prompts file {path} as UTF-8 text ({exc})") from None
+        lines = read_text_lines(prompts_file, "prompts file")  # blank lines: the EOS-only prompt
         if not lines:
-            raise PLDRError(f"prompts file {path} is empty; put one prompt per line")
+            raise PLDRError(f"prompts file {prompts_file} is empty; put one prompt per line")
         texts += lines
     out: list[Prompt] = []
     if data_dir is not None:

@@ -78,3 +78,16 @@ def atomic_dir(path: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_text_lines(path, what: str = "file") -> list[str]:
+    """The lines of a UTF-8 text file; PLDRError (naming ``what``) when missing or unreadable."""
+    from pldr_core.errors import PLDRError
+
+    path = Path(path)
+    if not path.is_file():
+        raise PLDRError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PLDRError(f"cannot read {what} {path} as UTF-8 text ({exc})") from None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pldr_core.attention import GLU, PLGAttention
+from pldr_core.attention import GLU, PLGAttention, rope_tables
 from pldr_core.cache import GCache, KVCache
 from pldr_core.config import PLDRConfig
 
@@ -115,13 +115,14 @@ class PLDRModel(nn.Module):
             positions = positions.expand(B, S)
         if kv_cache is not None:
             kv_cache.begin(positions)
+        rope = rope_tables(positions, self.config.head_dim, self.config.rope_base)  # once, not per layer
         x = self.decoder.embedding(tokens) * math.sqrt(self.config.d_model)
         x = self.decoder.layernorm1(x)
         deductive, attentions = [], []
         for i, layer in enumerate(self.decoder.dec_layers):
             x, ded, weights = layer(
                 x, positions, layer=i, kv_cache=kv_cache, g_cache=g_cache, explicit=explicit,
-                need_deductive=return_deductive, need_weights=return_attention,
+                need_deductive=return_deductive, need_weights=return_attention, rope=rope,
             )
             deductive.append(ded)
             attentions.append(weights)
