@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's interpreter (the flag is read when kernels are defined).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("PLDR_GOLDEN", REPO.parent / "shared" / "golden" / "reference-tiny"))
 

@@ -6,12 +6,15 @@ attention layer's metric path for a formulation that compiles into far fewer ker
 
 - the two input projections of every GLU (W1, W2) are one matmul against their concatenation;
 - the whole chain A0 = q^T q -> LN_A -> residual GLU units -> A_LM -> A_P -> G_LM is one function that
-  ``torch.compile`` fuses end to end (element-wise work folds into matmul prologues/epilogues).
+  ``torch.compile`` fuses end to end (element-wise work folds into matmul prologues/epilogues);
+- on CUDA, LN_A and the residual units run as three Triton kernels per layer (forward, backward for
+  the data, backward for the weights; ``pldr_core.kernels.glu_stack``) instead of ~40 small kernels
+  per unit. ``enable_fused(model, kernel="torch")`` keeps the torch formulation.
 
 The maths is the same (tests pin values and gradients against the eager path in float64).
-``optimize_for_training(model, device)`` is what ``pretrain --compile`` calls: on CUDA it enables the
-fused metric path, lets fp32 matmuls (only the metric path runs in fp32 under bf16 autocast) use TF32,
-and returns ``torch.compile(model)``; on CPU it returns the model unchanged.
+``optimize_for_training(model, device)`` is what ``pldr bench`` trains with: on CUDA it enables the
+fused metric path (fp32 unless asked for TF32) and returns ``torch.compile(model)``; on CPU it returns
+the model unchanged.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from pldr_core.attention import EPS_ADJ, PLGAttention
 
 __all__ = ["enable_fused", "disable_fused", "is_fused", "fused_metric_A", "fused_metric_chain",
-           "optimize_for_training"]
+           "optimize_for_training", "KERNELS", "METRIC_PRECISIONS"]
 
 
 def _glu_stack(A: torch.Tensor, unit) -> torch.Tensor:
@@ -37,9 +40,25 @@ def _glu_stack(A: torch.Tensor, unit) -> torch.Tensor:
     return F.layer_norm(A + h, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
+KERNELS = ("auto", "triton", "torch")
+
+
+def _use_triton(attn, A0: torch.Tensor) -> bool:
+    from pldr_core.kernels import glu_stack
+
+    kernel = getattr(attn, "metric_kernel", "torch")
+    if kernel == "torch" or (kernel == "auto" and not A0.is_cuda):
+        return False
+    return glu_stack.supports(attn, A0)
+
+
 def fused_metric_A(attn: PLGAttention, q: torch.Tensor) -> torch.Tensor:
     """A from post-RoPE q [B, H, S, dk] (same maths as ``PLGAttention.metric_A``)."""
     A = torch.matmul(q.transpose(-1, -2), q)
+    if _use_triton(attn, A):
+        from pldr_core.kernels import glu_stack
+
+        return glu_stack.glu_stack(attn, A, getattr(attn, "metric_precision", "ieee"))
     ln = attn.layernorm1
     A = F.layer_norm(A, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
     for unit in attn.reslayerAs:
@@ -67,13 +86,27 @@ def _fused_params_forward(self, A):
     return fused_metric_chain(self, A)
 
 
-def enable_fused(model) -> int:
-    """Swap every learned-G attention layer of ``model`` to the fused metric path; returns how many."""
+def enable_fused(model, *, kernel: str = "auto", precision: str = "ieee") -> int:
+    """Swap every learned-G attention layer of ``model`` to the fused metric path; returns how many.
+
+    ``kernel``: "auto" (Triton kernels for CUDA fp32 inputs, torch otherwise), "triton" (also on CPU
+    tensors, which needs TRITON_INTERPRET=1: for tests) or "torch". ``precision``: the Triton kernels'
+    matmul precision, "ieee" (fp32, the default) or "tf32" (see ``optimize_for_training``).
+    """
+    from pldr_core.kernels.glu_stack import PRECISIONS, available
+
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if kernel == "auto" and not available():
+        kernel = "torch"  # CPU-only torch builds come without Triton
     n = 0
     for module in model.modules():
-        if type(module) is PLGAttention and module.g_mode == "learned":
+        if isinstance(module, PLGAttention) and module.g_mode == "learned":
             module.__class__ = FusedPLGAttention
             module.plgatt_layer.__class__ = _FusedPLGAParams
+            module.metric_kernel, module.metric_precision = kernel, precision
             n += 1
     return n
 
@@ -108,19 +141,28 @@ def _make_fused_params_class():
 _FusedPLGAParams = _make_fused_params_class()
 
 
-def optimize_for_training(model, device=None, *, mode: str | None = None, tf32_metric: bool = True):
+METRIC_PRECISIONS = ("fp32", "tf32")
+
+
+def optimize_for_training(model, device=None, *, mode: str | None = None, metric_precision: str = "fp32"):
     """The training module to call: compiled with the fused metric path on CUDA; ``model`` on CPU.
 
     ``model`` itself stays the module to save and to give the optimizer (the compiled wrapper shares
     its parameters). ``mode`` is passed to ``torch.compile`` (default: its default mode).
+    ``metric_precision``: "fp32" (default) or "tf32" for the metric path's matmuls. TF32 is faster but
+    measured against a float64 model (small preset, H200) it left the metric path's weight gradients
+    dominated by rounding: worst error 2.0-2.8x the largest true gradient of a tensor, against 0.4-0.7%
+    in fp32. It is there for speed comparisons, not as a default.
     """
+    if metric_precision not in METRIC_PRECISIONS:
+        raise ValueError(f"metric_precision must be one of {METRIC_PRECISIONS}, got {metric_precision!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if device.type != "cuda":
         return model
-    enable_fused(model)
-    if tf32_metric:
-        # Under bf16 autocast only the metric path's matmuls run in fp32; TF32 keeps them on tensor
-        # cores (still far more precise than the reference code, which runs them in bf16).
+    enable_fused(model, precision="tf32" if metric_precision == "tf32" else "ieee")
+    if metric_precision == "tf32":
+        # Under bf16 autocast only the metric path's matmuls run in fp32; this puts the torch ones
+        # (A0 = q^T q, W @ A, alpha @ A_P) on TF32 tensor cores too.
         torch.backends.cuda.matmul.allow_tf32 = True
     kw = {} if mode is None else {"mode": mode}
     return torch.compile(model, **kw)

@@ -1,0 +1,161 @@
+"""The Triton kernels of ``pldr_core.kernels.glu_stack`` (see there for what each does).
+
+Kept in their own module so that importing the library never imports Triton; under
+``TRITON_INTERPRET=1`` (set by the test suite on machines without a GPU) ``triton.jit`` gives the
+interpreter, which runs the same kernels on CPU tensors.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ln(x, w_ptr, b_ptr, cols, eps, D: tl.constexpr):
+    mean = tl.sum(x, axis=1) / D
+    xc = x - mean[:, None]
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    return xc * rstd[:, None] * tl.load(w_ptr + cols)[None, :] + tl.load(b_ptr + cols)[None, :]
+
+
+@triton.jit
+def _ln_bwd(x, dy, w_ptr, dw_ptr, cols, eps, D: tl.constexpr):
+    """dx of LayerNorm at input x; writes this block's sums for dweight and dbias at dw_ptr."""
+    mean = tl.sum(x, axis=1) / D
+    xc = x - mean[:, None]
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    xhat = xc * rstd[:, None]
+    tl.store(dw_ptr + cols, tl.sum(dy * xhat, axis=0))
+    tl.store(dw_ptr + D + cols, tl.sum(dy, axis=0))
+    g = dy * tl.load(w_ptr + cols)[None, :]
+    c1 = tl.sum(g * xhat, axis=1) / D
+    c2 = tl.sum(g, axis=1) / D
+    return (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    """a @ b, fp32 accumulation; PREC is tl.dot's input precision ("ieee" or "tf32")."""
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _hidden(h, W1, W2, B1, B2, uj, c, cols, fcols, D: tl.constexpr, FP: tl.constexpr,
+            BF: tl.constexpr, PREC: tl.constexpr):
+    """Chunk c of the GLU's two input projections: a = h W1 + b1, b = h W2 + b2, and the tiles."""
+    w_off = uj * D * FP + cols[:, None] * FP + c * BF + fcols[None, :]
+    w1 = tl.load(W1 + w_off)
+    w2 = tl.load(W2 + w_off)
+    a = _mm(h, w1, PREC) + tl.load(B1 + uj * FP + c * BF + fcols)[None, :]
+    b = _mm(h, w2, PREC) + tl.load(B2 + uj * FP + c * BF + fcols)[None, :]
+    return a, b, w1, w2
+
+
+@triton.jit
+def _fwd(X, Y, HS, YS, W1, W2, B1, B2, W3, B3, LNW, LNB, N, eps,
+         U: tl.constexpr, J: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BF: tl.constexpr,
+         BM: tl.constexpr, PREC: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.arange(0, D)
+    fcols = tl.arange(0, BF)
+    mask = rows[:, None] < N
+    offs = rows[:, None] * D + cols[None, :]
+    x = _ln(tl.load(X + offs, mask=mask, other=0.0), LNW, LNB, cols, eps, D)
+    for u in range(U):
+        h = x
+        for j in range(J):
+            uj = u * J + j
+            tl.store(HS + uj * N * D + offs, h, mask=mask)
+            acc = tl.zeros([BM, D], dtype=tl.float32)
+            for c in range(FP // BF):
+                a, b, w1, w2 = _hidden(h, W1, W2, B1, B2, uj, c, cols, fcols, D, FP, BF, PREC)
+                w3 = tl.load(W3 + uj * FP * D + (c * BF + fcols[:, None]) * D + cols[None, :])
+                acc += _mm(a * tl.sigmoid(a) * b, w3, PREC)
+            h = acc + tl.load(B3 + uj * D + cols)[None, :]
+        y = x + h
+        tl.store(YS + u * N * D + offs, y, mask=mask)
+        x = _ln(y, LNW + (u + 1) * D, LNB + (u + 1) * D, cols, eps, D)
+    tl.store(Y + offs, x, mask=mask)
+
+
+@triton.jit
+def _bwd_data(X, DY, DX, HS, YS, DG, W1, W2, B1, B2, W3, LNW, DLN, N, eps,
+              U: tl.constexpr, J: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BF: tl.constexpr,
+              BM: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    cols = tl.arange(0, D)
+    fcols = tl.arange(0, BF)
+    mask = rows[:, None] < N
+    offs = rows[:, None] * D + cols[None, :]
+    dln = DLN + pid * (U + 1) * 2 * D
+    dx = tl.load(DY + offs, mask=mask, other=0.0)
+    for uu in range(U):
+        u = U - 1 - uu
+        y = tl.load(YS + u * N * D + offs, mask=mask, other=0.0)
+        dy = _ln_bwd(y, dx, LNW + (u + 1) * D, dln + (u + 1) * 2 * D, cols, eps, D)
+        dh = dy
+        for jj in range(J):
+            uj = u * J + (J - 1 - jj)
+            tl.store(DG + uj * N * D + offs, dh, mask=mask)
+            h = tl.load(HS + uj * N * D + offs, mask=mask, other=0.0)
+            dh_in = tl.zeros([BM, D], dtype=tl.float32)
+            for c in range(FP // BF):
+                a, b, w1, w2 = _hidden(h, W1, W2, B1, B2, uj, c, cols, fcols, D, FP, BF, PREC)
+                w3t = tl.load(W3 + uj * FP * D + (c * BF + fcols[None, :]) * D + cols[:, None])
+                dgate = _mm(dh, w3t, PREC)
+                s = tl.sigmoid(a)
+                da = dgate * b * s * (1.0 + a * (1.0 - s))
+                db = dgate * a * s
+                dh_in += _mm(da, tl.trans(w1), PREC)
+                dh_in += _mm(db, tl.trans(w2), PREC)
+            dh = dh_in
+        dx = dy + dh
+    x0 = tl.load(X + offs, mask=mask, other=0.0)
+    tl.store(DX + offs, _ln_bwd(x0, dx, LNW, dln, cols, eps, D), mask=mask)
+
+
+@triton.jit
+def _bwd_weights(HS, DG, W1, W2, B1, B2, W3, DW1, DW2, DB1, DB2, DW3, DB3, N, rows_per_split,
+                 D: tl.constexpr, FP: tl.constexpr, BF: tl.constexpr, BM: tl.constexpr,
+                 PREC: tl.constexpr):
+    uj = tl.program_id(0)
+    c = tl.program_id(1)
+    split = tl.program_id(2)
+    UJ = tl.num_programs(0)
+    cols = tl.arange(0, D)
+    fcols = tl.arange(0, BF)
+    w3t = tl.load(W3 + uj * FP * D + (c * BF + fcols[None, :]) * D + cols[:, None])
+    acc1 = tl.zeros([D, BF], dtype=tl.float32)
+    acc2 = tl.zeros([D, BF], dtype=tl.float32)
+    acc3 = tl.zeros([BF, D], dtype=tl.float32)
+    sb1 = tl.zeros([BF], dtype=tl.float32)
+    sb2 = tl.zeros([BF], dtype=tl.float32)
+    sb3 = tl.zeros([D], dtype=tl.float32)
+    lo = split * rows_per_split
+    hi = tl.minimum(lo + rows_per_split, N)
+    for start in range(lo, hi, BM):
+        rows = start + tl.arange(0, BM)
+        mask = rows[:, None] < hi
+        offs = uj * N * D + rows[:, None] * D + cols[None, :]
+        h = tl.load(HS + offs, mask=mask, other=0.0)
+        dh = tl.load(DG + offs, mask=mask, other=0.0)  # zero rows add nothing below
+        a, b, w1, w2 = _hidden(h, W1, W2, B1, B2, uj, c, cols, fcols, D, FP, BF, PREC)
+        s = tl.sigmoid(a)
+        dgate = _mm(dh, w3t, PREC)
+        da = dgate * b * s * (1.0 + a * (1.0 - s))
+        db = dgate * a * s
+        acc3 += _mm(tl.trans(a * s * b), dh, PREC)
+        acc1 += _mm(tl.trans(h), da, PREC)
+        acc2 += _mm(tl.trans(h), db, PREC)
+        sb1 += tl.sum(da, axis=0)
+        sb2 += tl.sum(db, axis=0)
+        sb3 += tl.sum(dh, axis=0)
+    base = split * UJ + uj
+    w_off = base * D * FP + cols[:, None] * FP + c * BF + fcols[None, :]
+    tl.store(DW1 + w_off, acc1)
+    tl.store(DW2 + w_off, acc2)
+    tl.store(DW3 + base * FP * D + (c * BF + fcols[:, None]) * D + cols[None, :], acc3)
+    tl.store(DB1 + base * FP + c * BF + fcols, sb1)
+    tl.store(DB2 + base * FP + c * BF + fcols, sb2)
+    if c == 0:
+        tl.store(DB3 + base * D + cols, sb3)

@@ -1,0 +1,218 @@
+"""Triton kernels for the residual GLU stack of the metric path (SPEC section 1, step 3).
+
+The stack maps every row of the metric tensor on its own: each of the B*H*dk rows of A0 = q^T q is a
+dk-vector that goes through LN_A and then ``num_reslayerA`` residual units, each a chain of
+``num_denseA`` SwiGLUs (dk -> A_dff -> dk) closed by a residual add and a LayerNorm. Written with torch
+ops that is ~40 kernels per unit on small [B, H, dk, dk] tensors; here it is three kernels per layer:
+
+- ``_fwd``: one program carries a block of rows through LN_A and every unit, weights read from L2. It
+  saves each GLU's input and each unit's pre-LayerNorm sum for the backward.
+- ``_bwd_data``: the same row blocks in reverse: LayerNorm backward, then each GLU backward (its hidden
+  activations recomputed from the saved input), giving dA0 and the gradient at every GLU output.
+- ``_bwd_weights``: the weight gradients, a reduction over all rows: one program per (GLU, hidden chunk,
+  row split) recomputes the hidden activations and accumulates W1/W2/W3 and bias gradients.
+
+The hidden size is padded to a multiple of the chunk width with zero weights, which adds nothing to the
+result (silu(0) * 0 = 0 and the padded rows of W3 are zero). Matmuls are fp32 (``precision="ieee"``) by
+default; ``"tf32"`` uses TF32 tensor cores (faster, but see ``optimize_for_training`` on its gradients).
+
+``glu_stack`` is the entry point; it is a ``torch.library`` custom op, so ``torch.compile`` (and CUDA
+graphs) treat it as one opaque call. On CPU tensors it runs the same kernels in Triton's interpreter,
+which is how the tests check the kernels without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# Tile sizes: hidden chunk width (A_dff is padded to a multiple of it) and rows per program. Larger
+# tiles spill registers (ptxas -v for sm_90: 32-wide chunks and 32-row blocks keep all three kernels
+# at zero or a few bytes of spills; 64-wide chunks spill about 1 KB per thread).
+BLOCK_F = 32
+# Per kernel: rows per program, warps, software-pipelining stages (more stages need more shared memory).
+# Measured on an H200 at the paper-110m shape (14,336 rows, 8 units of 2 GLUs, TF32): forward 278 us
+# at 64 rows (428 at 32, 328 at 128 rows with 8 warps); backward for the data 973 us (1,273 at 32).
+# Not yet tuned for fp32 ("ieee"), the default precision.
+TUNING = {
+    "fwd": {"BM": 64, "num_warps": 4, "num_stages": 1},
+    "bwd_data": {"BM": 64, "num_warps": 4, "num_stages": 1},
+    "bwd_weights": {"BM": 32, "num_warps": 4, "num_stages": 1},
+}
+PRECISIONS = ("ieee", "tf32")
+
+
+def available() -> bool:
+    """Whether Triton can be imported (it ships with CUDA builds of torch)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kernel(name: str, device: torch.device, n: int):
+    """(kernel, rows per program, launch options) for ``device`` (CPU tensors need the interpreter)."""
+    import os
+
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the Triton GLU-stack kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
+    from pldr_core.kernels import _glu_triton as k
+
+    tuning = dict(TUNING[name])
+    bm = tuning.pop("BM")
+    bm = bm if n >= bm else 16
+    return getattr(k, "_" + name), bm, (tuning if device.type == "cuda" else {})
+
+
+# ---- custom ops ---------------------------------------------------------------------------------------
+@torch.library.custom_op("pldr::glu_stack_fwd", mutates_args=())
+def _glu_stack_fwd(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torch.Tensor,
+                   b2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, lnw: torch.Tensor,
+                   lnb: torch.Tensor, eps: float, glus_per_unit: int, precision: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, d = x.shape
+    uj, fp = w1.shape[0], w1.shape[2]
+    units = uj // glus_per_unit
+    y = torch.empty_like(x)
+    hs = torch.empty(uj, n, d, dtype=x.dtype, device=x.device)
+    ys = torch.empty(units, n, d, dtype=x.dtype, device=x.device)
+    fwd, bm, opts = _kernel("fwd", x.device, n)
+    fwd[((n + bm - 1) // bm,)](x, y, hs, ys, w1, w2, b1, b2, w3, b3, lnw, lnb, n, eps,
+                               U=units, J=glus_per_unit, D=d, FP=fp, BF=BLOCK_F, BM=bm, PREC=precision,
+                               **opts)
+    return y, hs, ys
+
+
+@_glu_stack_fwd.register_fake
+def _(x, w1, w2, b1, b2, w3, b3, lnw, lnb, eps, glus_per_unit, precision):
+    n, d = x.shape
+    uj = w1.shape[0]
+    return (x.new_empty(n, d), x.new_empty(uj, n, d), x.new_empty(uj // glus_per_unit, n, d))
+
+
+@torch.library.custom_op("pldr::glu_stack_bwd", mutates_args=())
+def _glu_stack_bwd(dy: torch.Tensor, x: torch.Tensor, hs: torch.Tensor, ys: torch.Tensor,
+                   w1: torch.Tensor, w2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor,
+                   w3: torch.Tensor, lnw: torch.Tensor, eps: float, glus_per_unit: int, precision: str
+                   ) -> list[torch.Tensor]:
+    n, d = x.shape
+    uj, fp = w1.shape[0], w1.shape[2]
+    units = uj // glus_per_unit
+    bwd_data, bm, opts = _kernel("bwd_data", x.device, n)
+    nblocks = (n + bm - 1) // bm
+    dx = torch.empty_like(x)
+    dgout = torch.empty_like(hs)
+    dln = torch.empty(nblocks, units + 1, 2, d, dtype=x.dtype, device=x.device)
+    bwd_data[(nblocks,)](x, dy.contiguous(), dx, hs, ys, dgout, w1, w2, b1, b2, w3, lnw, dln, n, eps,
+                         U=units, J=glus_per_unit, D=d, FP=fp, BF=BLOCK_F, BM=bm, PREC=precision,
+                         **opts)
+    # Enough row splits to fill the GPU (about 4 programs per SM) without large partial buffers.
+    bwd_weights, bm, opts = _kernel("bwd_weights", x.device, n)
+    nblocks = (n + bm - 1) // bm
+    splits = max(1, min(16, (4 * _sm_count(x.device)) // (uj * (fp // BLOCK_F)), nblocks))
+    rows_per_split = -(-nblocks // splits) * bm
+    splits = -(-n // rows_per_split)
+    dw1 = torch.empty(splits, *w1.shape, dtype=x.dtype, device=x.device)
+    dw2 = torch.empty_like(dw1)
+    dw3 = torch.empty(splits, *w3.shape, dtype=x.dtype, device=x.device)
+    db1 = torch.empty(splits, *b1.shape, dtype=x.dtype, device=x.device)
+    db2 = torch.empty_like(db1)
+    db3 = torch.empty(splits, uj, d, dtype=x.dtype, device=x.device)
+    bwd_weights[(uj, fp // BLOCK_F, splits)](hs, dgout, w1, w2, b1, b2, w3, dw1, dw2, db1, db2, dw3, db3,
+                                            n, rows_per_split, D=d, FP=fp, BF=BLOCK_F, BM=bm,
+                                            PREC=precision, **opts)
+    dln = dln.sum(0)
+    return [dx, dw1.sum(0), dw2.sum(0), db1.sum(0), db2.sum(0), dw3.sum(0), db3.sum(0),
+            dln[:, 0].contiguous(), dln[:, 1].contiguous()]
+
+
+@_glu_stack_bwd.register_fake
+def _(dy, x, hs, ys, w1, w2, b1, b2, w3, lnw, eps, glus_per_unit, precision):
+    units = ys.shape[0]
+    return [torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2), torch.empty_like(b1),
+            torch.empty_like(b2), torch.empty_like(w3), x.new_empty(w1.shape[0], x.shape[1]),
+            x.new_empty(units + 1, x.shape[1]), x.new_empty(units + 1, x.shape[1])]
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, w2, b1, b2, w3, b3, lnw, lnb, eps, glus_per_unit, precision = inputs
+    _, hs, ys = output
+    ctx.save_for_backward(x, hs, ys, w1, w2, b1, b2, w3, lnw)
+    ctx.args = (eps, glus_per_unit, precision)
+
+
+def _backward(ctx, dy, dhs, dys):
+    x, hs, ys, w1, w2, b1, b2, w3, lnw = ctx.saved_tensors
+    grads = _glu_stack_bwd(dy, x, hs, ys, w1, w2, b1, b2, w3, lnw, *ctx.args)
+    return (*grads, None, None, None)
+
+
+_glu_stack_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@functools.cache
+def _sm_count_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return _sm_count_cached(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# ---- packing the module's parameters ------------------------------------------------------------------
+def _padded(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    pad = size - t.shape[dim]
+    if pad == 0:
+        return t
+    spec = [0, 0] * (t.dim() - 1 - dim) + [0, pad]
+    return torch.nn.functional.pad(t, spec)
+
+
+def pack(layernorm1, units) -> tuple[list[torch.Tensor], float, int]:
+    """The metric path's LN_A and residual units as the kernels' tensors (differentiable views).
+
+    Returns ([w1, w2, b1, b2, w3, b3, lnw, lnb], eps, glus_per_unit) with w1, w2: [U*J, dk, FP] (input
+    projections, transposed, hidden padded to FP), b1, b2: [U*J, FP], w3: [U*J, FP, dk], b3: [U*J, dk],
+    lnw, lnb: [U+1, dk] (LN_A first, then each unit's LayerNorm).
+    """
+    glus = [glu for unit in units for glu in unit.denseAs]
+    hidden = glus[0].gluw1.out_features
+    fp = -(-hidden // BLOCK_F) * BLOCK_F
+    w1 = _padded(torch.stack([g.gluw1.weight for g in glus]).transpose(1, 2), 2, fp)
+    w2 = _padded(torch.stack([g.gluw2.weight for g in glus]).transpose(1, 2), 2, fp)
+    b1 = _padded(torch.stack([g.gluw1.bias for g in glus]), 1, fp)
+    b2 = _padded(torch.stack([g.gluw2.bias for g in glus]), 1, fp)
+    w3 = _padded(torch.stack([g.gluw3.weight for g in glus]).transpose(1, 2), 1, fp)
+    b3 = torch.stack([g.gluw3.bias for g in glus])
+    norms = [layernorm1, *(unit.layernormA for unit in units)]
+    lnw = torch.stack([n.weight for n in norms])
+    lnb = torch.stack([n.bias for n in norms])
+    tensors = [t.contiguous() for t in (w1, w2, b1, b2, w3, b3, lnw, lnb)]
+    return tensors, layernorm1.eps, len(units[0].denseAs)
+
+
+def supports(attn, A0: torch.Tensor) -> bool:
+    """Whether the kernels handle this layer and input (fp32; dk a power of two >= 16; int32 offsets)."""
+    dk = A0.shape[-1]
+    units = attn.reslayerAs
+    if A0.dtype != torch.float32 or dk < 16 or dk & (dk - 1) or len(units) == 0:
+        return False
+    if any(len(u.denseAs) != len(units[0].denseAs) or u.layernormA.eps != attn.layernorm1.eps
+           for u in units):
+        return False
+    glus_total = len(units) * len(units[0].denseAs)
+    return glus_total * A0.numel() < 2**31 and len(units[0].denseAs) > 0
+
+
+def glu_stack(attn, A0: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
+    """LN_A and the residual units of ``attn`` applied to A0 [..., dk, dk] (same maths as the torch path)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    tensors, eps, glus_per_unit = pack(attn.layernorm1, attn.reslayerAs)
+    x = A0.reshape(-1, A0.shape[-1]).contiguous()
+    y, _, _ = _glu_stack_fwd(x, *tensors, eps, glus_per_unit, precision)
+    return y.view(A0.shape)
