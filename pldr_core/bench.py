@@ -80,7 +80,8 @@ def _build(config: PLDRConfig, dev: torch.device, seed: int):
 
 # ---- training ---------------------------------------------------------------------------------------
 def bench_train_one(config: PLDRConfig, dev: torch.device, *, batch: int, seq_len: int, steps: int,
-                    warmup: int, compile: bool, compile_mode: str | None = None, seed: int = 0) -> dict:
+                    warmup: int, compile: bool, compile_mode: str | None = None,
+                    metric_precision: str = "fp32", seed: int = 0) -> dict:
     """Tokens/s of full training steps for one model (``compile_mode``: torch.compile's mode)."""
     from pldr_core.kernels import optimize_for_training
 
@@ -88,7 +89,8 @@ def bench_train_one(config: PLDRConfig, dev: torch.device, *, batch: int, seq_le
     cuda = dev.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1,
                             fused=cuda)
-    fwd = optimize_for_training(model, dev, mode=compile_mode) if compile else model
+    fwd = (optimize_for_training(model, dev, mode=compile_mode, metric_precision=metric_precision)
+           if compile else model)
     graphs = compile and compile_mode in ("reduce-overhead", "max-autotune")  # CUDA graph trees
     V = config.vocab_size
 
@@ -146,16 +148,19 @@ def bench_train_one(config: PLDRConfig, dev: torch.device, *, batch: int, seq_le
 
 
 def bench_train(config: PLDRConfig, dev: torch.device, *, batch: int, seq_len: int, steps: int,
-                warmup: int, compile: bool, compile_mode: str | None = None,
+                warmup: int, compile: bool, compile_mode: str | None = None, metric_precision: str = "fp32",
                 log: Callable[[str], None] = lambda s: None) -> dict:
+    # The fused Triton metric path comes with compile on CUDA; otherwise it is the eager fp32 path.
+    fused = compile and dev.type == "cuda"
     out = {"batch": batch, "seq_len": seq_len, "steps": steps, "warmup": warmup, "compile": compile,
            "compile_mode": (compile_mode or "default") if compile else None,
+           "metric_precision": metric_precision if fused else "fp32",
            "dtype": "bf16-autocast" if dev.type == "cuda" else "fp32"}
     for g_mode in ("learned", "identity"):
         log(f"train {g_mode}-G: batch {batch} x {seq_len}, {steps} steps" + (" (compiled)" if compile else ""))
         out[g_mode] = bench_train_one(config.replace(g_mode=g_mode), dev, batch=batch, seq_len=seq_len,
                                       steps=steps, warmup=warmup, compile=compile,
-                                      compile_mode=compile_mode)
+                                      compile_mode=compile_mode, metric_precision=metric_precision)
     out["ratio_learned_identity"] = out["learned"]["tokens_per_s"] / out["identity"]["tokens_per_s"]
     return out
 
@@ -259,7 +264,8 @@ def bench_decode(config: PLDRConfig, dev: torch.device, *, batches: list[int], p
 def defaults_for(dev: torch.device, config: PLDRConfig) -> dict:
     if dev.type == "cuda":
         # reduce-overhead (CUDA graphs) is each model's best measured setting on an H200 at the
-        # paper-110m shape: learned-G 431k tokens/s (267k in the default mode), identity-G 615k (621k).
+        # paper-110m shape (torch metric path, TF32): learned-G 431k tokens/s (267k in the default
+        # mode), identity-G 615k (621k).
         return dict(batch=16, seq_len=min(1024, config.max_seq_len), steps=20, warmup=5, compile=True,
                     compile_mode="reduce-overhead", decode_batch=16, prompt_len=32, new_tokens=256)
     return dict(batch=4, seq_len=min(64, config.max_seq_len), steps=3, warmup=1, compile=False,
@@ -268,12 +274,18 @@ def defaults_for(dev: torch.device, config: PLDRConfig) -> dict:
 
 def run_bench(what: str = "all", *, preset: str = "tiny", device: str = "auto", batch: int | None = None,
               seq_len: int | None = None, steps: int | None = None, compile: bool | None = None,
-              compile_mode: str | None = None, decode_batch: int | None = None, prompt_len: int | None = None,
+              compile_mode: str | None = None, metric_precision: str = "fp32",
+              decode_batch: int | None = None, prompt_len: int | None = None,
               new_tokens: int | None = None, eager_decode: bool = True,
               log: Callable[[str], None] = lambda s: None) -> dict:
     """Run the benchmark; returns {"train": ..., "decode": ..., "device": ..., "torch": ...}."""
     if what not in WHATS:
         raise PLDRError(f"unknown benchmark {what!r}; choose one of {', '.join(WHATS)}")
+    from pldr_core.kernels import METRIC_PRECISIONS
+
+    if metric_precision not in METRIC_PRECISIONS:
+        raise PLDRError(f"unknown --metric-precision {metric_precision!r}; choose one of "
+                        f"{', '.join(METRIC_PRECISIONS)}")
     if compile_mode not in COMPILE_MODES:
         raise PLDRError(f"unknown --compile-mode {compile_mode!r}; choose one of "
                         f"{', '.join(m for m in COMPILE_MODES if m)}")
@@ -301,7 +313,7 @@ def run_bench(what: str = "all", *, preset: str = "tiny", device: str = "auto", 
     if what in ("train", "all"):
         result["train"] = bench_train(config, dev, batch=batch, seq_len=seq_len, steps=steps or d["steps"],
                                       warmup=d["warmup"], compile=compile, compile_mode=compile_mode,
-                                      log=log)
+                                      metric_precision=metric_precision, log=log)
     if what in ("decode", "all"):
         batches = sorted({1, decode_batch or d["decode_batch"]})
         result["decode"] = bench_decode(config, dev, batches=batches, prompt_len=prompt_len,

@@ -27,6 +27,7 @@ def test_run_bench_reports_every_figure():
     for g in ("learned", "identity"):
         assert _positive(t[g]["tokens_per_s"]) and t[g]["mfu"] is None  # no MFU without a known GPU
     assert t["learned"]["params"] > t["identity"]["params"]
+    assert t["metric_precision"] == "fp32"  # the eager metric path: no fused kernels on CPU
     assert t["ratio_learned_identity"] == pytest.approx(
         t["learned"]["tokens_per_s"] / t["identity"]["tokens_per_s"])
     d = r["decode"]
@@ -55,6 +56,8 @@ def test_flops_formula_counts_the_metric_path():
 def test_run_bench_refuses_bad_input():
     with pytest.raises(PLDRError, match="unknown benchmark"):
         run_bench("speed", device="cpu")
+    with pytest.raises(PLDRError, match="metric-precision"):
+        run_bench("train", device="cpu", metric_precision="bf16")
     with pytest.raises(PLDRError, match="exceeds"):
         run_bench("train", preset="tiny", device="cpu", seq_len=4096)
     with pytest.raises(PLDRError, match="positive"):

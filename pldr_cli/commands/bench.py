@@ -15,6 +15,8 @@ EPILOG = """Examples:
 
   pldr bench all --preset paper-110m --json bench.json      # the SPEC section 8 figures (GPU)
 
+  pldr bench train --preset paper-110m --metric-precision tf32   # TF32 metric path, for comparison
+
   pldr bench train --preset paper-110m --batch 8 --seq-len 512 --no-compile
 
   pldr bench decode --preset small --decode-batch 32 --new-tokens 128
@@ -39,6 +41,9 @@ def bench(
                                  help="torch.compile training and the decode engine (default: on GPU)."),
     compile_mode: str = typer.Option(None, "--compile-mode", help="torch.compile mode for training: "
                                      "default, reduce-overhead (CUDA graphs; the default on CUDA), max-autotune-no-cudagraphs."),
+    metric_precision: str = typer.Option("fp32", "--metric-precision",
+                                         help="Learned-G training on CUDA: the metric path's matmuls in "
+                                         "fp32 (faithful) or tf32 (faster, noisy metric gradients)."),
     decode_batch: int = typer.Option(None, "--decode-batch", help="The larger decode batch (16 GPU, 4 CPU)."),
     prompt_len: int = typer.Option(None, "--prompt-len", help="Random prompt tokens (32 GPU, 8 CPU)."),
     new_tokens: int = typer.Option(None, "--new-tokens", help="Greedy new tokens (256 GPU, 16 CPU)."),
@@ -55,7 +60,7 @@ def bench(
     err = console(stderr=True)
     log = (lambda s: err.print(f"[dim]{s}[/dim]")) if is_terminal() else (lambda s: typer.echo(s, err=True))
     result = run_bench(what, preset=preset, device=device, batch=batch, seq_len=seq_len, steps=steps,
-                       compile_mode=compile_mode,
+                       compile_mode=compile_mode, metric_precision=metric_precision,
                        compile=compile, decode_batch=decode_batch, prompt_len=prompt_len,
                        new_tokens=new_tokens, eager_decode=eager_decode, log=log)
     if json_file is not None:
@@ -75,7 +80,7 @@ def _render(result: dict) -> None:
     if "train" in result:
         t = result["train"]
         c.print(f"train: batch {t['batch']} x {t['seq_len']}, {t['steps']} steps, {t['dtype']}, "
-                f"compile {t['compile']}")
+                f"compile {t['compile']}, metric path {t['metric_precision']}")
         for g in ("learned", "identity"):
             r = t[g]
             mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
