@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import REPO, tiny_model
 from pldr_core.cache import GCache
 from pldr_core.engine import DecodeEngine, cast_for_inference
 from pldr_core.errors import PLDRError
@@ -133,6 +133,26 @@ def test_glu_stack_declines_what_it_cannot_run():
         glu_stack.glu_stack(attn, A0, precision="fp8")
     with pytest.raises(ValueError, match="kernel"):
         enable_fused(tiny_model("learned"), kernel="cuda")
+
+
+def test_triton_kernels_compile_for_hopper_within_shared_memory():
+    # Compiling needs no GPU (Triton ships ptxas). This caught a forward kernel that asked for 464 KiB
+    # of shared memory through software pipelining, which only failed on the GPU.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "_compile_kernels.py"), "ieee", "tf32"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shared = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(shared) == 6
+    hopper_max = 227 * 1024  # opt-in shared memory per block on H100/H200
+    assert all(0 < v <= hopper_max for v in shared.values()), shared
 
 
 def test_fused_is_reversible_and_keeps_the_state_dict():
