@@ -194,7 +194,8 @@ def _file_gcache(model, tmp: Path):
 def bench_decode(config: PLDRConfig, dev: torch.device, *, batches: list[int], prompt_len: int,
                  new_tokens: int, compile: bool, eager: bool = True,
                  log: Callable[[str], None] = lambda s: None) -> dict:
-    from pldr_core.engine import DecodeEngine, cast_for_inference
+    from pldr_core.engine import DecodeEngine
+    from pldr_core.model import cast_for_inference
     from pldr_core.generate import decode_steps
 
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

@@ -16,7 +16,28 @@ import torch
 from pldr_core.errors import PLDRError
 
 
-class KVCache:
+class _RowFlags:
+    """Per-row 'filled' flags shared by a cache and its ``row(b)`` views (a view sees only its row)."""
+
+    _state: dict
+    _rows: list[int] | None
+
+    def _own_rows(self):
+        return self._rows if self._rows is not None else range(len(self._state["filled"]))
+
+    def _all_filled(self) -> bool:
+        return all(self._state["filled"][r] for r in self._own_rows())
+
+    def _set_filled(self, value: bool) -> None:
+        for r in self._own_rows():
+            self._state["filled"][r] = value
+
+    def _view_of(self, view, b: int):
+        view._rows = [b if self._rows is None else self._rows[b]]
+        return view
+
+
+class KVCache(_RowFlags):
     """Preallocated keys/values [L, B, H, T, dk], per-row lengths [B], and the frozen A [L, B, H, dk, dk]."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, A: torch.Tensor | None, lengths: torch.Tensor,
@@ -57,22 +78,17 @@ class KVCache:
     @property
     def filled(self) -> bool:
         """True once the prefill has run: A is frozen and later calls are decode steps."""
-        rows = self._rows if self._rows is not None else range(len(self._state["filled"]))
-        return all(self._state["filled"][r] for r in rows)
+        return self._all_filled()
 
     def row(self, b: int) -> "KVCache":
         """A view of row ``b`` (for prefilling prompts of different lengths one at a time)."""
         sl = slice(b, b + 1)
-        view = KVCache(self.k[:, sl], self.v[:, sl], None if self.A is None else self.A[:, sl],
-                       self.lengths[sl], self._state)
-        view._rows = [b if self._rows is None else self._rows[b]]
-        return view
+        return self._view_of(KVCache(self.k[:, sl], self.v[:, sl], None if self.A is None else self.A[:, sl],
+                                     self.lengths[sl], self._state), b)
 
     def reset(self) -> None:
         self.lengths.zero_()
-        rows = self._rows if self._rows is not None else range(len(self._state["filled"]))
-        for r in rows:
-            self._state["filled"][r] = False
+        self._set_filled(False)
 
     def store_A(self, layer: int, A: torch.Tensor) -> None:
         self.A[layer].copy_(A)
@@ -102,12 +118,10 @@ class KVCache:
     def advance(self, positions: torch.Tensor) -> None:
         """Called by the model after all layers ran: lengths move past ``positions``; A is frozen."""
         self.lengths.copy_(positions[:, -1] + 1)
-        rows = self._rows if self._rows is not None else range(len(self._state["filled"]))
-        for r in rows:
-            self._state["filled"][r] = True
+        self._set_filled(True)
 
 
-class GCache:
+class GCache(_RowFlags):
     """Per-layer A_LM and G_LM, [L, B or 1, H, dk, dk]; ``source`` is 'prefill' or 'file'."""
 
     def __init__(self, A_LM: torch.Tensor, G_LM: torch.Tensor, source: str, state: dict, meta=None):
@@ -142,18 +156,14 @@ class GCache:
 
     @property
     def filled(self) -> bool:
-        if self.source == "file":
-            return True
-        rows = self._rows if self._rows is not None else range(len(self._state["filled"]))
-        return all(self._state["filled"][r] for r in rows)
+        return self.source == "file" or self._all_filled()
 
     def row(self, b: int) -> "GCache":
         if self.source == "file":
             return self
         sl = slice(b, b + 1)
         view = GCache(self.A_LM[:, sl], self.G_LM[:, sl], self.source, self._state, self.meta)
-        view._rows = [b if self._rows is None else self._rows[b]]
-        return view
+        return self._view_of(view, b)
 
     def to(self, device=None, dtype=None) -> "GCache":
         out = GCache(self.A_LM.to(device=device, dtype=dtype), self.G_LM.to(device=device, dtype=dtype),
@@ -171,13 +181,8 @@ class GCache:
         self.G_LM[layer].copy_(G_LM)
 
     def mark_filled(self) -> None:
-        rows = self._rows if self._rows is not None else range(len(self._state["filled"]))
-        for r in rows:
-            self._state["filled"][r] = True
+        self._set_filled(True)
 
     def reset(self) -> None:
-        if self.source == "file":
-            return
-        rows = self._rows if self._rows is not None else range(len(self._state["filled"]))
-        for r in rows:
-            self._state["filled"][r] = False
+        if self.source != "file":
+            self._set_filled(False)

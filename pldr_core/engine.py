@@ -33,22 +33,6 @@ from pldr_core.generate import Step, greedy
 G_SOURCES = ("file", "prefill", "none")
 
 
-def cast_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast ``model`` to ``dtype`` in place, except the metric path, which stays fp32.
-
-    The metric path runs in fp32 under any autocast (see ``PLGAttention._metric_dtype``), so its own
-    parameters must stay fp32 for a bf16 model to run its prefill.
-    """
-    from pldr_core.model import _is_metric_param
-
-    for name, p in model.named_parameters():
-        p.data = p.data.to(torch.float32 if _is_metric_param(name) else dtype)
-    for name, b in model.named_buffers():
-        if b.is_floating_point():
-            b.data = b.data.to(dtype)
-    return model
-
-
 class _StepModule(nn.Module):
     """One decode step over static buffers: token [B], position [1] -> logits [B, V].
 

@@ -33,6 +33,15 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def _g_cache_for(model, g_cache: bool | GCache, batch: int) -> GCache | None:
+    """The GCache a decode uses: the given (file) one, an empty one for the prefill to fill, or none."""
+    if isinstance(g_cache, GCache):
+        return g_cache
+    if g_cache and model.config.has_metric_path:
+        return GCache.for_model(model, batch)
+    return None
+
+
 @torch.no_grad()
 def decode_steps(
     model,
@@ -50,13 +59,7 @@ def decode_steps(
     caller's business: this is the mechanism, not the policy.
     """
     B, S = prompt.shape
-    use_g = g_cache is not False and model.config.has_metric_path
-    if isinstance(g_cache, GCache):
-        gc = g_cache
-    elif use_g:
-        gc = GCache.for_model(model, B)
-    else:
-        gc = None
+    gc = _g_cache_for(model, g_cache, B)
     kv = KVCache.for_model(model, B, S + max_new_tokens) if kv_cache else None
 
     text = prompt
@@ -227,12 +230,7 @@ def generate(
         yield from _generate_static(model, rows, max_new_tokens=max_new_tokens, g_cache=g_cache,
                                     sampler=sampler, eos_id=eos_id, stats=stats, device=device)
         return
-    if isinstance(g_cache, GCache):
-        gc = g_cache
-    elif g_cache and model.config.has_metric_path:
-        gc = GCache.for_model(model, B)
-    else:
-        gc = None
+    gc = _g_cache_for(model, g_cache, B)
     kv = KVCache.for_model(model, B, max(len(p) for p in prompts) + max_new_tokens) if kv_cache else None
 
     def g_row(b):
@@ -444,6 +442,7 @@ def load_for_generation(model_path, *, device=None, dtype=None, gcache=None, for
     from pldr_core.checkpoint import load_model
     from pldr_core.errors import PLDRError
     from pldr_core.gcache import read_gcache
+    from pldr_core.model import cast_for_inference
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     model = load_model(model_path)
@@ -453,13 +452,7 @@ def load_for_generation(model_path, *, device=None, dtype=None, gcache=None, for
             raise PLDRError(f"--gcache only applies to learned-G models; this model's g_mode is "
                             f"{model.config.g_mode!r} (its G_LM is already fixed)")
         gc = read_gcache(gcache, model, force=force)
-    model.to(device=dev, dtype=dt)
-    if dt in (torch.float16, torch.bfloat16) and model.config.has_metric_path:
-        # The metric path stays float32 (as under autocast): A sums S outer products of q and
-        # A_LM ** P amplifies rounding; the layers feed it float32 inputs.
-        for layer in model.decoder.dec_layers:
-            for name in ("plgatt_layer", "reslayerAs", "layernorm1"):
-                getattr(layer.mha1, name).float()
+    cast_for_inference(model.to(device=dev), dt)
     if gc is not None:
         mdtype = torch.float64 if dt == torch.float64 else torch.float32
         gc = gc.to(device=dev, dtype=mdtype)

@@ -156,6 +156,22 @@ def _is_metric_param(name: str) -> bool:
     return ".plgatt_layer." in name or ".reslayerAs." in name or ".mha1.layernorm1." in name
 
 
+def cast_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``model`` to ``dtype`` in place, except the metric path, which stays at least fp32.
+
+    The metric path runs in fp32 under any autocast (see ``PLGAttention._metric_dtype``): A sums S
+    outer products of q and A_LM ** P amplifies rounding. So its own parameters stay fp32 in a bf16 or
+    fp16 model (fp64 in a fp64 one), and the layers feed it fp32 inputs.
+    """
+    metric_dtype = torch.promote_types(dtype, torch.float32)
+    for name, p in model.named_parameters():
+        p.data = p.data.to(metric_dtype if _is_metric_param(name) else dtype)
+    for b in model.buffers():
+        if b.is_floating_point():
+            b.data = b.data.to(dtype)
+    return model
+
+
 def random_g(config: PLDRConfig) -> torch.Tensor:
     """The seeded random G_LM [L, H, dk, dk] of g_mode 'random' (distribution recorded in the config)."""
     gen = torch.Generator().manual_seed(config.g_random_seed)

@@ -9,7 +9,8 @@ import torch
 
 from conftest import REPO, tiny_model
 from pldr_core.cache import GCache
-from pldr_core.engine import DecodeEngine, cast_for_inference
+from pldr_core.engine import DecodeEngine
+from pldr_core.model import cast_for_inference
 from pldr_core.errors import PLDRError
 from pldr_core.generate import decode_steps
 from pldr_core.kernels import disable_fused, enable_fused, is_fused, optimize_for_training

@@ -22,13 +22,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pldr_core.attention import EPS_ADJ, PLGAttention
+from pldr_core.attention import EPS_ADJ, PLGAParams, PLGAttention
+from pldr_core.kernels import glu_stack
 
 __all__ = ["enable_fused", "disable_fused", "is_fused", "fused_metric_A", "fused_metric_chain",
            "optimize_for_training", "KERNELS", "METRIC_PRECISIONS"]
 
 
-def _glu_stack(A: torch.Tensor, unit) -> torch.Tensor:
+def _residual_unit(A: torch.Tensor, unit) -> torch.Tensor:
     """One residual unit: LN_u( A + GLU_n(...GLU_1(A)) ), with W1 and W2 as one matmul per GLU."""
     h = A
     for glu in unit.denseAs:
@@ -44,9 +45,7 @@ KERNELS = ("auto", "triton", "torch")
 
 
 def _use_triton(attn, A0: torch.Tensor) -> bool:
-    from pldr_core.kernels import glu_stack
-
-    kernel = getattr(attn, "metric_kernel", "torch")
+    kernel = attn.metric_kernel
     if kernel == "torch" or (kernel == "auto" and not A0.is_cuda):
         return False
     return glu_stack.supports(attn, A0)
@@ -56,13 +55,11 @@ def fused_metric_A(attn: PLGAttention, q: torch.Tensor) -> torch.Tensor:
     """A from post-RoPE q [B, H, S, dk] (same maths as ``PLGAttention.metric_A``)."""
     A = torch.matmul(q.transpose(-1, -2), q)
     if _use_triton(attn, A):
-        from pldr_core.kernels import glu_stack
-
-        return glu_stack.glu_stack(attn, A, getattr(attn, "metric_precision", "ieee"))
+        return glu_stack.glu_stack(attn, A, attn.metric_precision)
     ln = attn.layernorm1
     A = F.layer_norm(A, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
     for unit in attn.reslayerAs:
-        A = _glu_stack(A, unit)
+        A = _residual_unit(A, unit)
     return A
 
 
@@ -76,14 +73,20 @@ def fused_metric_chain(params, A: torch.Tensor):
 
 
 class FusedPLGAttention(PLGAttention):
-    """PLGAttention whose metric path is the fused formulation (same parameters, same state dict)."""
+    """PLGAttention whose metric path is the fused formulation (same parameters, same state dict).
+
+    ``enable_fused`` sets ``metric_kernel`` and ``metric_precision`` on each such layer."""
+
+    metric_kernel: str
+    metric_precision: str
 
     def metric_A(self, q: torch.Tensor) -> torch.Tensor:
         return fused_metric_A(self, q)
 
 
-def _fused_params_forward(self, A):
-    return fused_metric_chain(self, A)
+class FusedPLGAParams(PLGAParams):
+    def forward(self, A: torch.Tensor):
+        return fused_metric_chain(self, A)
 
 
 def enable_fused(model, *, kernel: str = "auto", precision: str = "ieee") -> int:
@@ -93,19 +96,17 @@ def enable_fused(model, *, kernel: str = "auto", precision: str = "ieee") -> int
     tensors, which needs TRITON_INTERPRET=1: for tests) or "torch". ``precision``: the Triton kernels'
     matmul precision, "ieee" (fp32, the default) or "tf32" (see ``optimize_for_training``).
     """
-    from pldr_core.kernels.glu_stack import PRECISIONS, available
-
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if kernel == "auto" and not available():
+    if precision not in glu_stack.PRECISIONS:
+        raise ValueError(f"precision must be one of {glu_stack.PRECISIONS}, got {precision!r}")
+    if kernel == "auto" and not glu_stack.available():
         kernel = "torch"  # CPU-only torch builds come without Triton
     n = 0
     for module in model.modules():
         if isinstance(module, PLGAttention) and module.g_mode == "learned":
             module.__class__ = FusedPLGAttention
-            module.plgatt_layer.__class__ = _FusedPLGAParams
+            module.plgatt_layer.__class__ = FusedPLGAParams
             module.metric_kernel, module.metric_precision = kernel, precision
             n += 1
     return n
@@ -113,8 +114,6 @@ def enable_fused(model, *, kernel: str = "auto", precision: str = "ieee") -> int
 
 def disable_fused(model) -> int:
     """Undo ``enable_fused``."""
-    from pldr_core.attention import PLGAParams
-
     n = 0
     for module in model.modules():
         if type(module) is FusedPLGAttention:
@@ -126,19 +125,6 @@ def disable_fused(model) -> int:
 
 def is_fused(model) -> bool:
     return any(type(m) is FusedPLGAttention for m in model.modules())
-
-
-def _make_fused_params_class():
-    from pldr_core.attention import PLGAParams
-
-    class _Fused(PLGAParams):
-        forward = _fused_params_forward
-
-    _Fused.__name__ = "FusedPLGAParams"
-    return _Fused
-
-
-_FusedPLGAParams = _make_fused_params_class()
 
 
 METRIC_PRECISIONS = ("fp32", "tf32")

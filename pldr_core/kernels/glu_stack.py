@@ -107,9 +107,9 @@ def _glu_stack_bwd(dy: torch.Tensor, x: torch.Tensor, hs: torch.Tensor, ys: torc
     bwd_data[(nblocks,)](x, dy.contiguous(), dx, hs, ys, dgout, w1, w2, b1, b2, w3, lnw, dln, n, eps,
                          U=units, J=glus_per_unit, D=d, FP=fp, BF=BLOCK_F, BM=bm, PREC=precision,
                          **opts)
-    # Enough row splits to fill the GPU (about 4 programs per SM) without large partial buffers.
     bwd_weights, bm, opts = _kernel("bwd_weights", x.device, n)
     nblocks = (n + bm - 1) // bm
+    # Enough row splits to fill the GPU (about 4 programs per SM) without large partial buffers.
     splits = max(1, min(16, (4 * _sm_count(x.device)) // (uj * (fp // BLOCK_F)), nblocks))
     rows_per_split = -(-nblocks // splits) * bm
     splits = -(-n // rows_per_split)
