@@ -22,12 +22,12 @@ import torch
 from pldr_core import __version__
 from pldr_core.config import PLDRConfig
 from pldr_core.errors import PLDRError
+from pldr_core.tokenizer import TOKENIZER_FILE
 from pldr_core.io import atomic_dir, atomic_write_text
 from pldr_core.model import PLDRModel
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.model"
 META_FILE = "meta.json"
 
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.")

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from pldr_core.errors import PLDRError
+from pldr_core.tokenizer import TOKENIZER_FILE
 
 META_FILE = "meta.json"
-TOKENIZER_FILE = "tokenizer.model"
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 EMBEDDED = "embedded"

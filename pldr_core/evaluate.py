@@ -47,17 +47,10 @@ Progress = Callable[[int, int, str], None]
 
 
 def load_tokenizer(model_path: str | Path, tokenizer: str | Path | None = None):
-    from pldr_core.checkpoint import TOKENIZER_FILE
-    from pldr_core.tokenizer import Tokenizer
+    from pldr_core.tokenizer import tokenizer_for
 
-    if tokenizer is None:
-        p = Path(model_path)
-        tokenizer = (p.parent if p.is_file() else p) / TOKENIZER_FILE
-        if not Path(tokenizer).is_file():
-            raise PLDRError(f"{model_path} has no {TOKENIZER_FILE}: evaluation needs the model's "
-                            f"SentencePiece tokenizer (put it there, or make the model with "
-                            f"`pldr init --tokenizer FILE`)")
-    return Tokenizer(tokenizer)
+    return tokenizer_for(model_path, tokenizer, missing="evaluation needs the model's SentencePiece "
+                         "tokenizer (put it there, or make the model with `pldr init --tokenizer FILE`)")
 
 
 def score_windows(context: list[int], continuation: list[int], max_length: int):

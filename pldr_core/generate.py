@@ -381,22 +381,11 @@ def gcache_fidelity(model, ids: list[int], g_cache: GCache) -> dict:
 # ---- prompts and model directories -------------------------------------------------------------
 def find_tokenizer(model_path, tokenizer=None):
     """The ``Tokenizer`` of a model: ``tokenizer`` if given, else ``tokenizer.model`` next to the weights."""
-    from pathlib import Path
+    from pldr_core.tokenizer import tokenizer_for
 
-    from pldr_core.checkpoint import TOKENIZER_FILE
-    from pldr_core.errors import PLDRError
-    from pldr_core.tokenizer import Tokenizer
-
-    if tokenizer is not None:
-        return Tokenizer(tokenizer)
-    path = Path(model_path)
-    folder = path if path.is_dir() else path.parent
-    candidate = folder / TOKENIZER_FILE
-    if not candidate.is_file():
-        raise PLDRError(f"{path} has no {TOKENIZER_FILE}; text prompts need one: pass --tokenizer FILE, "
-                        f"or give token ids with --tokens, or recreate the model with "
-                        f"`pldr init --tokenizer ...`")
-    return Tokenizer(candidate)
+    return tokenizer_for(model_path, tokenizer, missing="text prompts need one: pass --tokenizer FILE, "
+                         "or give token ids with --tokens, or recreate the model with "
+                         "`pldr init --tokenizer ...`")
 
 
 def parse_token_ids(spec: str, vocab_size: int) -> list[int]:

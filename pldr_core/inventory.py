@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pldr_core.checkpoint import TOKENIZER_FILE, detect_layout, load_config, read_meta
+from pldr_core.checkpoint import detect_layout, load_config, read_meta
+from pldr_core.tokenizer import TOKENIZER_FILE
 from pldr_core.config import preset as make_preset
 
 

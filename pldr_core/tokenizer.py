@@ -12,6 +12,26 @@ from pathlib import Path
 from pldr_core.errors import PLDRError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+TOKENIZER_FILE = "tokenizer.model"
+"""A model directory's (and a token data folder's) SentencePiece model."""
+
+
+def model_tokenizer_path(model_path: str | Path) -> Path:
+    """Where a model's tokenizer lives: ``tokenizer.model`` in its folder (or next to its weights file)."""
+    path = Path(model_path)
+    return (path if path.is_dir() else path.parent) / TOKENIZER_FILE
+
+
+def tokenizer_for(model_path: str | Path, tokenizer: str | Path | None = None, *,
+                  missing: str = "") -> "Tokenizer":
+    """``tokenizer`` if given, else the model's own; a missing one is a PLDRError that ends with
+    ``missing`` (what the caller's user can do about it)."""
+    if tokenizer is not None:
+        return Tokenizer(tokenizer)
+    path = model_tokenizer_path(model_path)
+    if not path.is_file():
+        raise PLDRError(f"{model_path} has no {TOKENIZER_FILE}" + (f"; {missing}" if missing else ""))
+    return Tokenizer(path)
 
 
 class Tokenizer:

@@ -242,7 +242,8 @@ def pretrain(args: TrainArgs, *, on_log: Callable[[dict], None] | None = None,
 def _pretrain(args: TrainArgs, d: parallel.Dist, on_log, on_event) -> TrainResult:
     from safetensors.torch import load_file, save
 
-    from pldr_core.checkpoint import TOKENIZER_FILE, save_model
+    from pldr_core.checkpoint import save_model
+    from pldr_core.tokenizer import TOKENIZER_FILE
     from pldr_core.data import RowSampler, TokenData
     from pldr_core.init import build_model
     from pldr_core.model import dag_terms

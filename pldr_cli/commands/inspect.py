@@ -70,7 +70,7 @@ def inspect_deductive(
     import torch
 
     from pldr_core import inspect as lib
-    from pldr_core.checkpoint import TOKENIZER_FILE, load_config, load_model
+    from pldr_core.checkpoint import load_config, load_model
     from pldr_core.errors import PLDRError
 
     # Validate everything cheap before loading weights.
@@ -96,12 +96,10 @@ def inspect_deductive(
     if limit < 1:
         raise fail("--max-len must be at least 1")
 
-    tokenizer = None
-    tok_file = (model if model.is_dir() else model.parent) / TOKENIZER_FILE
-    if tok_file.is_file():
-        from pldr_core.tokenizer import Tokenizer
+    from pldr_core.tokenizer import Tokenizer, model_tokenizer_path
 
-        tokenizer = Tokenizer(tok_file)
+    tok_file = model_tokenizer_path(model)
+    tokenizer = Tokenizer(tok_file) if tok_file.is_file() else None
     prompts = lib.collect_prompts(eos_id=cfg.eos_id, tokenizer=tokenizer, prompts=prompt,
                                   prompts_file=prompts_file, data_dir=data, samples=samples, seed=seed,
                                   max_len=limit)
