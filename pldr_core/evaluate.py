@@ -235,7 +235,7 @@ class PLDRLM(TemplateLM):
                      temperature: float = 0.0, **_ignored) -> str:
         """Decode greedily (or sample at ``temperature``) with the KV-cache until EOS, a stop string
         or ``max_gen_toks``; the text is cut before the first stop string."""
-        from pldr_core.generate import decode_steps
+        from pldr_core.generate import Sampler, decode_steps, greedy
 
         stops = [until] if isinstance(until, str) else list(until or [])
         stops = [s for s in stops if s]
@@ -243,17 +243,13 @@ class PLDRLM(TemplateLM):
         # as in loglikelihood: the EOS prefix stands in for an empty context only
         ids = (self.tok_encode(context) if context else []) or [self.prefix_token_id]
         ids = ids[-(self.max_length - max_new):]
-        if do_sample and temperature and temperature > 0:
-            def choose(logits):
-                return torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1)[:, 0]
-        else:
-            choose = None
+        sample = do_sample and temperature and temperature > 0
+        choose = Sampler(temperature=temperature, top_k=None) if sample else greedy
         prompt = torch.tensor([ids], dtype=torch.long, device=self._device)
-        kw = {"choose": choose} if choose is not None else {}
         g = self.gcache if self.gcache is not None else True
         new: list[int] = []
         text = ""
-        for step in decode_steps(self.model, prompt, max_new, kv_cache=True, g_cache=g, **kw):
+        for step in decode_steps(self.model, prompt, max_new, kv_cache=True, g_cache=g, choose=choose):
             token = int(step.token[0])
             if token == self.eot_token_id:
                 break
