@@ -39,7 +39,8 @@ class _StepModule(nn.Module):
     At batch 1-16 a decode step is bound by the number of kernels, not by FLOPs, so the step is written
     for few of them: q, k and v come from one matmul against the concatenated weights, as do the FFN's
     two input projections (a copy of those weights, made once per engine), and q @ G_LM for one query is
-    a broadcast multiply-and-sum that the compiler fuses with the rotary embedding.
+    a broadcast multiply-and-sum for the compiler to generate, not a batched-matmul library call
+    (whether it merges it with the rotary embedding is not yet checked in a profile).
     """
 
     def __init__(self, model, kv: KVCache, G: torch.Tensor | None, use_metric: bool):
