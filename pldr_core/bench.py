@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pldr_core.config import PLDRConfig, preset as make_preset
 from pldr_core.device import resolve_device
 from pldr_core.errors import PLDRError
+from pldr_core.kernels import DEFAULT_METRIC_PRECISION
 
 # Dense bf16 peak of the chips we know (for MFU); others report MFU as null.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -81,7 +82,7 @@ def _build(config: PLDRConfig, dev: torch.device, seed: int):
 # ---- training ---------------------------------------------------------------------------------------
 def bench_train_one(config: PLDRConfig, dev: torch.device, *, batch: int, seq_len: int, steps: int,
                     warmup: int, compile: bool, compile_mode: str | None = None,
-                    metric_precision: str = "fp32", seed: int = 0) -> dict:
+                    metric_precision: str = DEFAULT_METRIC_PRECISION, seed: int = 0) -> dict:
     """Tokens/s of full training steps for one model (``compile_mode``: torch.compile's mode)."""
     from pldr_core.kernels import optimize_for_training
 
@@ -148,7 +149,7 @@ def bench_train_one(config: PLDRConfig, dev: torch.device, *, batch: int, seq_le
 
 
 def bench_train(config: PLDRConfig, dev: torch.device, *, batch: int, seq_len: int, steps: int,
-                warmup: int, compile: bool, compile_mode: str | None = None, metric_precision: str = "fp32",
+                warmup: int, compile: bool, compile_mode: str | None = None, metric_precision: str = DEFAULT_METRIC_PRECISION,
                 log: Callable[[str], None] = lambda s: None) -> dict:
     # The fused Triton metric path comes with compile on CUDA; otherwise it is the eager fp32 path.
     fused = compile and dev.type == "cuda"
@@ -275,7 +276,7 @@ def defaults_for(dev: torch.device, config: PLDRConfig) -> dict:
 
 def run_bench(what: str = "all", *, preset: str = "tiny", device: str = "auto", batch: int | None = None,
               seq_len: int | None = None, steps: int | None = None, compile: bool | None = None,
-              compile_mode: str | None = None, metric_precision: str = "fp32",
+              compile_mode: str | None = None, metric_precision: str = DEFAULT_METRIC_PRECISION,
               decode_batch: int | None = None, prompt_len: int | None = None,
               new_tokens: int | None = None, eager_decode: bool = True,
               log: Callable[[str], None] = lambda s: None) -> dict:

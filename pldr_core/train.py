@@ -83,8 +83,11 @@ class TrainArgs:
     """DAG loss coefficients (A_LM, A_P, G_LM)."""
     device: str = "auto"
     compile: bool | None = None
-    """torch.compile each decoder layer; default on for a single CUDA process (measured 1.4x faster on
-    an H200 for the small preset), off on CPU and under torchrun (compile + FSDP2 not yet measured)."""
+    """torch.compile each decoder layer, with the fused metric path (Triton kernels on CUDA); default on
+    for a single CUDA process, off on CPU and under torchrun (compile + FSDP2 not yet measured)."""
+    metric_precision: str = "tf32"
+    """With compile on CUDA: the metric path's matmuls in "tf32" (default) or "fp32"
+    (``pldr_core.kernels.prepare_metric_path`` says why TF32 is the default)."""
     resume: bool = False
     eval_every: int | None = None
     """Validation every N steps (and at the start and the end); default max(1, steps // 10)."""
@@ -224,6 +227,8 @@ def _validate(args: TrainArgs, d: parallel.Dist) -> None:
     for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep"):
         if getattr(args, name) < 1:
             raise PLDRError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.metric_precision not in ("tf32", "fp32"):
+        raise PLDRError(f"unknown --metric-precision {args.metric_precision!r}; choose tf32 or fp32")
     if args.batch_size % (d.world * args.grad_accum):
         raise PLDRError(f"--batch-size {args.batch_size} must be divisible by world size x grad-accum "
                         f"({d.world} x {args.grad_accum})")
@@ -308,6 +313,9 @@ def _pretrain(args: TrainArgs, d: parallel.Dist, on_log, on_event) -> TrainResul
     model.train()
     use_compile = args.compile if args.compile is not None else (d.device.type == "cuda" and d.world == 1)
     if use_compile:
+        from pldr_core.kernels import prepare_metric_path
+
+        prepare_metric_path(model, d.device, metric_precision=args.metric_precision)
         for layer in model.decoder.dec_layers:
             layer.compile()
     model = parallel.wrap(model, d)

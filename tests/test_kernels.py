@@ -136,6 +136,19 @@ def test_glu_stack_declines_what_it_cannot_run():
         enable_fused(tiny_model("learned"), kernel="cuda")
 
 
+def test_prepare_metric_path_for_training():
+    from pldr_core.kernels import DEFAULT_METRIC_PRECISION, is_fused, prepare_metric_path
+
+    assert DEFAULT_METRIC_PRECISION == "tf32"
+    model = tiny_model("learned")
+    assert prepare_metric_path(model, "cpu", metric_precision="fp32") == model.config.num_layers
+    assert is_fused(model)
+    assert {m.metric_precision for m in model.modules() if hasattr(m, "metric_precision")} == {"ieee"}
+    assert prepare_metric_path(tiny_model("identity"), "cpu") == 0  # nothing to fuse
+    with pytest.raises(ValueError, match="metric_precision"):
+        prepare_metric_path(tiny_model("learned"), "cpu", metric_precision="bf16")
+
+
 def test_triton_kernels_compile_for_hopper_within_shared_memory():
     # Compiling needs no GPU (Triton ships ptxas). This caught a forward kernel that asked for 464 KiB
     # of shared memory through software pipelining, which only failed on the GPU.

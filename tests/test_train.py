@@ -113,6 +113,7 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, tok_dir):
         "batch": ["--batch-size", 3, "--grad-accum", 2],
         "gfixed": ["--g-mode", "fixed"],
         "dag": ["--dag", "1,2"],
+        "precision": ["--metric-precision", "bf16"],
     }
     for name, extra in cases.items():
         out = tmp_path / name

@@ -15,7 +15,7 @@ EPILOG = """Examples:
 
   pldr bench all --preset paper-110m --json bench.json      # the SPEC section 8 figures (GPU)
 
-  pldr bench train --preset paper-110m --metric-precision tf32   # TF32 metric path, for comparison
+  pldr bench train --preset paper-110m --metric-precision fp32   # fp32 metric path, for comparison
 
   pldr bench train --preset paper-110m --batch 8 --seq-len 512 --no-compile
 
@@ -41,9 +41,10 @@ def bench(
                                  help="torch.compile training and the decode engine (default: on GPU)."),
     compile_mode: str = typer.Option(None, "--compile-mode", help="torch.compile mode for training: "
                                      "default, reduce-overhead (CUDA graphs; the default on CUDA), max-autotune-no-cudagraphs."),
-    metric_precision: str = typer.Option("fp32", "--metric-precision",
+    metric_precision: str = typer.Option("tf32", "--metric-precision",
                                          help="Learned-G training on CUDA: the metric path's matmuls in "
-                                         "fp32 (faithful) or tf32 (faster, noisy metric gradients)."),
+                                         "tf32 (default, as pldr pretrain; trains like fp32 under bf16 "
+                                         "autocast) or fp32."),
     decode_batch: int = typer.Option(None, "--decode-batch", help="The larger decode batch (16 GPU, 4 CPU)."),
     prompt_len: int = typer.Option(None, "--prompt-len", help="Random prompt tokens (32 GPU, 8 CPU)."),
     new_tokens: int = typer.Option(None, "--new-tokens", help="Greedy new tokens (256 GPU, 16 CPU)."),

@@ -106,8 +106,12 @@ def pretrain(
     g_file: Path = typer.Option(None, "--g-file", help="G-cache file for --g-mode fixed."),
     dag: str = typer.Option(None, "--dag", help="DAG loss coefficients L1,L2,L3 for A_LM, A_P, G_LM."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the decoder layers "
-                                 "(default: on for a single CUDA process, where it measured 1.4x faster; off on CPU and under torchrun)."),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the decoder layers, "
+                                 "with the fused (Triton) metric path on CUDA (default: on for a single CUDA "
+                                 "process; off on CPU and under torchrun)."),
+    metric_precision: str = typer.Option("tf32", "--metric-precision",
+                                         help="With --compile on CUDA: the metric path's matmuls in tf32 "
+                                         "(default; trains like fp32 under bf16 autocast) or fp32."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest RUN/step-* checkpoint."),
     eval_every: int = typer.Option(None, "--eval-every", help="Validation every N steps (default steps/10)."),
     eval_batches: int = typer.Option(8, "--eval-batches", help="Batches per validation."),
@@ -129,7 +133,8 @@ def pretrain(
                      config_file=str(config) if config else None, steps=steps, batch_size=batch_size,
                      grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup=warmup, g_mode=g_mode,
                      g_file=str(g_file) if g_file else None, dag=_parse_dag(dag), device=device,
-                     compile=compile, resume=resume, eval_every=eval_every, eval_batches=eval_batches,
+                     compile=compile, metric_precision=metric_precision, resume=resume,
+                     eval_every=eval_every, eval_batches=eval_batches,
                      save_every=save_every, keep=keep, seed=seed)
     import os
 

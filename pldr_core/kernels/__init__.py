@@ -13,8 +13,9 @@ attention layer's metric path for a formulation that compiles into far fewer ker
 
 The maths is the same (tests pin values and gradients against the eager path in float64).
 ``optimize_for_training(model, device)`` is what ``pldr bench`` trains with: on CUDA it enables the
-fused metric path (fp32 unless asked for TF32) and returns ``torch.compile(model)``; on CPU it returns
-the model unchanged.
+fused metric path (TF32 matmuls unless asked for fp32, see ``prepare_metric_path``) and returns
+``torch.compile(model)``; on CPU it returns the model unchanged. ``pldr pretrain --compile`` calls
+``prepare_metric_path`` and compiles each decoder layer.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pldr_core.attention import EPS_ADJ, PLGAParams, PLGAttention
 from pldr_core.kernels import glu_stack
 
 __all__ = ["enable_fused", "disable_fused", "is_fused", "fused_metric_A", "fused_metric_chain",
-           "optimize_for_training", "KERNELS", "METRIC_PRECISIONS"]
+           "prepare_metric_path", "optimize_for_training", "KERNELS", "METRIC_PRECISIONS",
+           "DEFAULT_METRIC_PRECISION"]
 
 
 def _residual_unit(A: torch.Tensor, unit) -> torch.Tensor:
@@ -94,7 +96,7 @@ def enable_fused(model, *, kernel: str = "auto", precision: str = "ieee") -> int
 
     ``kernel``: "auto" (Triton kernels for CUDA fp32 inputs, torch otherwise), "triton" (also on CPU
     tensors, which needs TRITON_INTERPRET=1: for tests) or "torch". ``precision``: the Triton kernels'
-    matmul precision, "ieee" (fp32, the default) or "tf32" (see ``optimize_for_training``).
+    matmul precision, "ieee" (fp32, the default) or "tf32" (see ``prepare_metric_path``).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -127,28 +129,46 @@ def is_fused(model) -> bool:
     return any(type(m) is FusedPLGAttention for m in model.modules())
 
 
-METRIC_PRECISIONS = ("fp32", "tf32")
+METRIC_PRECISIONS = ("tf32", "fp32")
+DEFAULT_METRIC_PRECISION = "tf32"
+METRIC_PRECISION_NOTE = (
+    "TF32 trains like fp32 here: under bf16 autocast (SPEC's training setting) the gradients already "
+    "differ from float64's by O(1) norm-wise with an fp32 metric path, and TF32 in the metric path does "
+    "not add to that (scripts/metric_precision_study.py, CPU with TF32 emulated; 300 steps of the small "
+    "preset ended at val loss 6.4768 with TF32 against 6.4773 with fp32 and 6.4781 in float64).")
 
 
-def optimize_for_training(model, device=None, *, mode: str | None = None, metric_precision: str = "fp32"):
+def prepare_metric_path(model, device=None, *, metric_precision: str = DEFAULT_METRIC_PRECISION) -> int:
+    """Put ``model``'s learned-G layers on the fused metric path for training; returns how many.
+
+    On CUDA the residual GLU stack runs as the Triton kernels with ``metric_precision`` matmuls: "tf32"
+    (default) or "fp32". With "tf32" the torch matmuls of the metric path (A0 = q^T q, W @ A,
+    alpha @ A_P) also go to TF32: this sets the process-wide ``torch.backends.cuda.matmul.allow_tf32``
+    (under bf16 autocast the metric path's matmuls are the only fp32 ones). Why TF32 is the default:
+    ``METRIC_PRECISION_NOTE``. On CPU the fused torch formulation is used (same maths, fp32/fp64).
+    """
+    if metric_precision not in METRIC_PRECISIONS:
+        raise ValueError(f"metric_precision must be one of {METRIC_PRECISIONS}, got {metric_precision!r}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    n = enable_fused(model, precision="tf32" if metric_precision == "tf32" else "ieee")
+    if device.type == "cuda" and metric_precision == "tf32" and n:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return n
+
+
+def optimize_for_training(model, device=None, *, mode: str | None = None,
+                          metric_precision: str = DEFAULT_METRIC_PRECISION):
     """The training module to call: compiled with the fused metric path on CUDA; ``model`` on CPU.
 
     ``model`` itself stays the module to save and to give the optimizer (the compiled wrapper shares
     its parameters). ``mode`` is passed to ``torch.compile`` (default: its default mode).
-    ``metric_precision``: "fp32" (default) or "tf32" for the metric path's matmuls. TF32 is faster but
-    measured against a float64 model (small preset, H200) it left the metric path's weight gradients
-    dominated by rounding: worst error 2.0-2.8x the largest true gradient of a tensor, against 0.4-0.7%
-    in fp32. It is there for speed comparisons, not as a default.
+    ``metric_precision``: see ``prepare_metric_path``.
     """
     if metric_precision not in METRIC_PRECISIONS:
         raise ValueError(f"metric_precision must be one of {METRIC_PRECISIONS}, got {metric_precision!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if device.type != "cuda":
         return model
-    enable_fused(model, precision="tf32" if metric_precision == "tf32" else "ieee")
-    if metric_precision == "tf32":
-        # Under bf16 autocast only the metric path's matmuls run in fp32; this puts the torch ones
-        # (A0 = q^T q, W @ A, alpha @ A_P) on TF32 tensor cores too.
-        torch.backends.cuda.matmul.allow_tf32 = True
+    prepare_metric_path(model, device, metric_precision=metric_precision)
     kw = {} if mode is None else {"mode": mode}
     return torch.compile(model, **kw)
