@@ -83,8 +83,11 @@ class TrainArgs:
     """DAG loss coefficients (A_LM, A_P, G_LM)."""
     device: str = "auto"
     compile: bool | None = None
-    """torch.compile each decoder layer, with the fused metric path (Triton kernels on CUDA); default on
-    for a single CUDA process, off on CPU and under torchrun (compile + FSDP2 not yet measured)."""
+    """torch.compile with the fused metric path (Triton kernels on CUDA); default on for a single CUDA
+    process, off on CPU and under torchrun (compile + FSDP2 not yet measured). See ``compile_mode``."""
+    compile_mode: str = "graphs"
+    """With compile on one CUDA process: "graphs" (default) compiles the whole model and replays it as
+    CUDA graphs; "layers" compiles each decoder layer (what torchrun/FSDP2 runs always use)."""
     metric_precision: str = "tf32"
     """With compile on CUDA: the metric path's matmuls in "tf32" (default) or "fp32"
     (``pldr_core.kernels.prepare_metric_path`` says why TF32 is the default)."""
@@ -227,6 +230,8 @@ def _validate(args: TrainArgs, d: parallel.Dist) -> None:
     for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep"):
         if getattr(args, name) < 1:
             raise PLDRError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.compile_mode not in ("graphs", "layers"):
+        raise PLDRError(f"unknown --compile-mode {args.compile_mode!r}; choose graphs or layers")
     if args.metric_precision not in ("tf32", "fp32"):
         raise PLDRError(f"unknown --metric-precision {args.metric_precision!r}; choose tf32 or fp32")
     if args.batch_size % (d.world * args.grad_accum):
@@ -312,13 +317,25 @@ def _pretrain(args: TrainArgs, d: parallel.Dist, on_log, on_event) -> TrainResul
     model.to(d.device)
     model.train()
     use_compile = args.compile if args.compile is not None else (d.device.type == "cuda" and d.world == 1)
+    # CUDA graphs need the whole step's shapes fixed and one process; FSDP2 runs compile per layer.
+    graphs = use_compile and args.compile_mode == "graphs" and d.device.type == "cuda" and not d.enabled
     if use_compile:
         from pldr_core.kernels import prepare_metric_path
 
         prepare_metric_path(model, d.device, metric_precision=args.metric_precision)
-        for layer in model.decoder.dec_layers:
-            layer.compile()
+        if not graphs:
+            for layer in model.decoder.dec_layers:
+                layer.compile()
     model = parallel.wrap(model, d)
+    compiled = torch.compile(model, mode="reduce-overhead") if graphs else None
+
+    def forward(x: torch.Tensor, **kw):
+        """The model's forward; with CUDA graphs, outputs stay valid until the next call only."""
+        if compiled is None:
+            return model(x, **kw)
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(x, **kw)
+
     decay, no_decay = [], []
     for _name, p in model.named_parameters():
         if p.requires_grad:
@@ -356,7 +373,7 @@ def _pretrain(args: TrainArgs, d: parallel.Dist, on_log, on_event) -> TrainResul
             rows = rank_rows(val_sampler, start).to(d.device)
             x, y = rows[:, :-1], rows[:, 1:]
             with autocast:
-                logits = model(x).logits.float()
+                logits = forward(x).logits.float()
             mask = y != pad
             ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=pad,
                                  reduction="sum")
@@ -427,7 +444,7 @@ def _pretrain(args: TrainArgs, d: parallel.Dist, on_log, on_event) -> TrainResul
                     x, y = chunk[:, :-1], chunk[:, 1:]
                     sync = m == args.grad_accum - 1
                     with _grad_sync(model, sync), autocast:
-                        out = model(x, return_deductive=True)
+                        out = forward(x, return_deductive=True)
                         logits = out.logits.float()
                         ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
                                              ignore_index=pad, reduction="sum")
@@ -446,6 +463,12 @@ def _pretrain(args: TrainArgs, d: parallel.Dist, on_log, on_event) -> TrainResul
                     with torch.no_grad():
                         stats += torch.stack([ce.detach().double(),
                                               ((logits.argmax(-1) == y) & (y != pad)).sum().double()])
+                        if compiled is not None and not sync:
+                            # The first backward's gradients live in the CUDA-graph pool, which the
+                            # next micro-batch overwrites: take them out before accumulating more.
+                            for p in params:
+                                if p.grad is not None:
+                                    p.grad = p.grad.clone()
                 grads = [p.grad for p in params if p.grad is not None]
                 gnorm = torch.nn.utils.get_total_norm(grads, 2.0)
                 if hasattr(gnorm, "full_tensor"):

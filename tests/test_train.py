@@ -114,6 +114,7 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, tok_dir):
         "gfixed": ["--g-mode", "fixed"],
         "dag": ["--dag", "1,2"],
         "precision": ["--metric-precision", "bf16"],
+        "compile_mode": ["--compile-mode", "max"],
     }
     for name, extra in cases.items():
         out = tmp_path / name

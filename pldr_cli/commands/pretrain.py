@@ -109,6 +109,9 @@ def pretrain(
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the decoder layers, "
                                  "with the fused (Triton) metric path on CUDA (default: on for a single CUDA "
                                  "process; off on CPU and under torchrun)."),
+    compile_mode: str = typer.Option("graphs", "--compile-mode",
+                                     help="With --compile on one CUDA process: graphs (whole model, CUDA "
+                                     "graphs; default) or layers (each decoder layer, as under torchrun)."),
     metric_precision: str = typer.Option("tf32", "--metric-precision",
                                          help="With --compile on CUDA: the metric path's matmuls in tf32 "
                                          "(default; trains like fp32 under bf16 autocast) or fp32."),
@@ -133,8 +136,8 @@ def pretrain(
                      config_file=str(config) if config else None, steps=steps, batch_size=batch_size,
                      grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup=warmup, g_mode=g_mode,
                      g_file=str(g_file) if g_file else None, dag=_parse_dag(dag), device=device,
-                     compile=compile, metric_precision=metric_precision, resume=resume,
-                     eval_every=eval_every, eval_batches=eval_batches,
+                     compile=compile, compile_mode=compile_mode, metric_precision=metric_precision,
+                     resume=resume, eval_every=eval_every, eval_batches=eval_batches,
                      save_every=save_every, keep=keep, seed=seed)
     import os
 
