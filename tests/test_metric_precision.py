@@ -1,0 +1,143 @@
+"""TF32 in the metric path, under bf16 autocast, does not make the gradients worse (CPU emulation).
+
+The TF32 emulation and the study live in ``scripts/metric_precision_study.py`` (loaded from the repo
+path, so there is one implementation). The claim pinned here: against a float64 model, the norm-wise
+gradient error of a bf16-autocast model whose metric path runs in TF32 is at most about twice that of
+the same autocast model with an fp32 metric path, while both are far above the error of plain fp32
+(so the comparison means something) and TF32 alone is far above it too (so the emulation is on).
+
+Single gradients of this model are heavy-tailed in their rounding error (an occasional sample is
+off by 10x the gradient's norm, under autocast or TF32 alike), so the claim is about the median
+over several seeds, not about one sample.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+import pldr_core.kernels as K
+from pldr_core.config import preset
+from pldr_core.init import build_model
+
+
+def _load_study():
+    name = "metric_precision_study"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+study = _load_study()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These matmuls are tiny: one thread is fastest, and it is immune to a busy machine's contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny(seed: int):
+    return build_model(preset("tiny", g_mode="learned", vocab_size=64), seed=seed)
+
+
+def _tokens(seed: int, batch: int = 4, seq_len: int = 32):
+    return torch.randint(4, 64, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the emulation itself --------------------------------------------------------------------------
+def test_round_to_tf32_keeps_ten_mantissa_bits_rounding_to_nearest_ties_away():
+    one = torch.tensor(1.0)
+    r = study.round_to_tf32
+    assert r(one + 2.0**-12).item() == 1.0                       # below half an ulp (2^-10): down
+    assert r(one + 2.0**-11).item() == 1.0 + 2.0**-10            # a tie: away from zero
+    assert r(-(one + 2.0**-11)).item() == -(1.0 + 2.0**-10)
+    assert r(one + 2.0**-10).item() == 1.0 + 2.0**-10            # representable: kept
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(0)) * 1e3
+    y = r(x)
+    assert torch.all(y.view(torch.int32) & 0x1FFF == 0)          # the low 13 of 23 mantissa bits are 0
+    assert torch.all((y - x).abs() <= x.abs() * 2.0**-11)
+    assert torch.equal(r(y), y)
+    bf16 = x.bfloat16().float()
+    assert torch.equal(r(bf16), bf16)                            # bf16 values are TF32 values
+
+
+@pytest.mark.parametrize("mode, lo, hi", [("tf32", 1e-4, 3e-3), ("tf32x3", 0, 2e-6)])
+def test_emulated_matmul_forward_and_backward(mode, lo, hi):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 16, 16, generator=g, requires_grad=True)     # broadcast over the batch, like W
+    b = torch.randn(2, 3, 16, 16, generator=g, requires_grad=True)
+    w = torch.randn(2, 3, 16, 16, generator=g)
+    (study.matmul(a, b, mode) * w).sum().backward()
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    out64 = torch.matmul(a64, b64)
+    (out64 * w.double()).sum().backward()
+
+    def rel(x, ref):
+        return ((x.double() - ref).norm() / ref.norm()).item()
+
+    assert lo <= rel(study.matmul(a.detach(), b.detach(), mode), out64.detach()) <= hi
+    assert a.grad.shape == a.shape and b.grad.shape == b.shape
+    assert lo <= rel(a.grad, a64.grad) <= hi
+    assert lo <= rel(b.grad, b64.grad) <= hi
+
+
+def test_emulated_metric_path_is_the_fused_path_and_is_restored():
+    originals = K.fused_metric_A, K.fused_metric_chain
+    model = study.make_fused(_tiny(0).double().train())
+    x = _tokens(0)
+    plain = model(x, return_deductive=True)
+    with study.emulated_metric_path(study.MetricPrecision()) as stats:
+        emulated = model(x, return_deductive=True)
+    assert stats.calls == model.config.num_layers                # FusedPLGAttention went through it
+    assert (K.fused_metric_A, K.fused_metric_chain) == originals
+    torch.testing.assert_close(emulated.logits, plain.logits, rtol=0, atol=1e-12)
+    for d_plain, d_emulated in zip(plain.deductive, emulated.deductive):
+        for key in ("A", "A_LM", "A_P", "G_LM"):
+            torch.testing.assert_close(d_emulated[key], d_plain[key], rtol=0, atol=1e-12)
+
+    model32 = study.make_fused(_tiny(0).train())
+    with study.emulated_metric_path(study.TF32):
+        tf32 = model32(x, return_deductive=True).deductive[0]["A"]
+    assert not torch.equal(tf32, model32(x, return_deductive=True).deductive[0]["A"])
+    with pytest.raises(RuntimeError), study.emulated_metric_path(study.TF32):
+        raise RuntimeError  # restored on errors too
+    assert (K.fused_metric_A, K.fused_metric_chain) == originals
+
+
+# ---- the claim ------------------------------------------------------------------------------------
+SEEDS = range(16)
+
+
+def test_tf32_metric_path_does_not_worsen_bf16_autocast_gradients():
+    settings = {
+        "fp32": study.Setting("fp32"),
+        "tf32": study.Setting("tf32", metric=study.TF32),
+        "autocast": study.Setting("autocast", autocast=True),
+        "autocast_tf32": study.Setting("autocast_tf32", autocast=True, metric=study.TF32),
+    }
+    errors = {k: {"metric": [], "other": []} for k in settings}
+    for seed in SEEDS:
+        result = study.gradient_study(_tiny(seed), _tokens(seed), tuple(settings.values()))
+        for key, setting in settings.items():
+            errors[key]["metric"].append(result[setting.label].metric)
+            errors[key]["other"].append(result[setting.label].other)
+    for group in ("metric", "other"):
+        med = {k: statistics.median(v[group]) for k, v in errors.items()}
+        msg = f"{group} grads, median norm-wise error vs float64 over {len(SEEDS)} seeds: {med}"
+        assert med["fp32"] < 1e-2, msg
+        assert med["tf32"] > 100 * med["fp32"], msg              # the emulation does round
+        assert med["autocast"] > 100 * med["fp32"], msg          # autocast alone is far from float64
+        assert med["autocast_tf32"] > 100 * med["fp32"], msg
+        assert med["autocast_tf32"] <= 2 * med["autocast"], msg  # and TF32 does not add to it
