@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from pldr_cli.app import app
@@ -166,3 +167,21 @@ def test_resume_can_extend_a_finished_run(tmp_path, tok_dir):
     assert more.steps_done == 16 and not more.interrupted
     state = json.loads(sorted((tmp_path / "run").glob("step-*/trainer_state.json"))[-1].read_text())
     assert state["run"]["warmup"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_training_matches_per_layer_compile(tmp_path, tok_dir):
+    """--compile-mode graphs (whole model as CUDA graphs) trains like per-layer compile, also with
+    gradient accumulation (non-final micro-batch gradients must leave the graph pool) and DAG terms."""
+    from pldr_core.train import pretrain
+
+    curves = {}
+    for mode in ("graphs", "layers"):
+        logs = []
+        pretrain(_args(tok_dir, tmp_path / mode, device="cuda", compile=True, compile_mode=mode,
+                       grad_accum=2, dag=(0.005, 0.005, 0.005), metric_precision="fp32"),
+                 on_log=logs.append)
+        curves[mode] = [r["loss"] for r in logs if "loss" in r]
+    assert len(curves["graphs"]) == 8
+    assert curves["graphs"] == pytest.approx(curves["layers"], abs=2e-2)
