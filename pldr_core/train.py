@@ -232,8 +232,11 @@ def _validate(args: TrainArgs, d: parallel.Dist) -> None:
             raise PLDRError(f"--{name.replace('_', '-')} must be at least 1")
     if args.compile_mode not in ("graphs", "layers"):
         raise PLDRError(f"unknown --compile-mode {args.compile_mode!r}; choose graphs or layers")
-    if args.metric_precision not in ("tf32", "fp32"):
-        raise PLDRError(f"unknown --metric-precision {args.metric_precision!r}; choose tf32 or fp32")
+    from pldr_core.kernels import METRIC_PRECISIONS
+
+    if args.metric_precision not in METRIC_PRECISIONS:
+        raise PLDRError(f"unknown --metric-precision {args.metric_precision!r}; choose one of "
+                        f"{', '.join(METRIC_PRECISIONS)}")
     if args.batch_size % (d.world * args.grad_accum):
         raise PLDRError(f"--batch-size {args.batch_size} must be divisible by world size x grad-accum "
                         f"({d.world} x {args.grad_accum})")

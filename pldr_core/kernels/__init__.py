@@ -15,7 +15,7 @@ The maths is the same (tests pin values and gradients against the eager path in 
 ``optimize_for_training(model, device)`` is what ``pldr bench`` trains with: on CUDA it enables the
 fused metric path (TF32 matmuls unless asked for fp32, see ``prepare_metric_path``) and returns
 ``torch.compile(model)``; on CPU it returns the model unchanged. ``pldr pretrain --compile`` calls
-``prepare_metric_path`` and compiles each decoder layer.
+``prepare_metric_path``, then compiles the whole model under CUDA graphs (or each decoder layer).
 """
 
 from __future__ import annotations
