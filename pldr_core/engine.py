@@ -140,7 +140,6 @@ class DecodeEngine:
             raise PLDRError("an identity-G model has no G-cache to load")
         self.model = model
         self.batch, self.max_len = batch, max_len
-        self.g_source = g_source
         p = next(model.parameters())
         self.device, self.dtype = p.device, model.decoder.embedding.weight.dtype
         self.kv = KVCache.for_model(model, batch, max_len)
@@ -267,12 +266,13 @@ class DecodeEngine:
         out[:, 0] = token
         if max_new_tokens == 1:
             return out
-        logits = self._call(token, S)
+        self._call(token, S)
         for i in range(1, max_new_tokens):
             if choose is greedy:
                 token = self._next  # chosen inside the step (inside the graph on GPU)
             else:
-                token = choose(logits)
+                # self._logits, not a local: without a CUDA graph each step returns a new tensor.
+                token = choose(self._logits)
             out[:, i] = token
             if i + 1 < max_new_tokens:
                 self._tok.copy_(token)

@@ -211,6 +211,9 @@ def test_engine_matches_decode_steps(g_mode, g_source):
     # The fast loop gives the same tokens, and the engine is reusable for a second prompt.
     assert torch.equal(engine.generate(prompt, 9), torch.stack([s.token for s in ref], 1))
     assert torch.equal(engine.generate(prompt, 9), torch.stack([s.token for s in ref], 1))
+    # A chooser other than the built-in greedy reads each step's logits (not the first step's).
+    argmax = lambda logits: logits.argmax(-1)  # noqa: E731
+    assert torch.equal(engine.generate(prompt, 9, choose=argmax), torch.stack([s.token for s in ref], 1))
 
 
 def test_engine_file_g_never_runs_the_metric_path():
