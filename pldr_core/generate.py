@@ -301,6 +301,11 @@ def _decode_loop(logits, next_logits, *, max_new_tokens, sampler, eos_id, stats)
             return
 
 
+# Distinct batch sizes the static engines compile for before falling back to uncompiled engines
+# (torch._dynamo's default recompile limit is 8; bench and earlier calls may hold some entries).
+_MAX_ENGINE_SHAPES = 4
+
+
 @torch.inference_mode(False)
 @torch.no_grad()
 def _generate_static(model, rows, *, max_new_tokens, g_cache, sampler, eos_id, stats, device):
@@ -320,10 +325,15 @@ def _generate_static(model, rows, *, max_new_tokens, g_cache, sampler, eos_id, s
     groups: dict[int, list[int]] = {}
     for b, ids in enumerate(rows):
         groups.setdefault(len(ids), []).append(b)
-    use_compile = device.type == "cuda"
+    # Every engine gets the same length, so the compiled step differs between groups only by batch
+    # size. Each distinct shape is one more compile of the same (fullgraph) step, and dynamo refuses
+    # past its recompile limit: beyond that many batch sizes the engines run uncompiled.
+    max_len = max(groups) + max_new_tokens
+    shapes = {len(members) for members in groups.values()}
+    use_compile = device.type == "cuda" and len(shapes) <= _MAX_ENGINE_SHAPES
     engines = []
     for S, members in groups.items():
-        engine = DecodeEngine(model, batch=len(members), max_len=S + max_new_tokens, g_source=g_source,
+        engine = DecodeEngine(model, batch=len(members), max_len=max_len, g_source=g_source,
                               g_cache=g_file, compile=use_compile)
         if use_compile and max_new_tokens > 1:
             t0 = time.perf_counter()
@@ -347,6 +357,9 @@ def _generate_static(model, rows, *, max_new_tokens, g_cache, sampler, eos_id, s
 
     def next_logits(step, chosen, active, previous):
         feed = _feed(chosen, active, eos_id)
+        if len(engines) == 1:  # one prompt length: the rows are already in engine order
+            S, _, _, engine = engines[0]
+            return engine.step(feed, S + step - 1)
         new = torch.empty_like(previous)
         for S, idx, _, engine in engines:
             new.index_copy_(0, idx, engine.step(feed.index_select(0, idx), S + step - 1))
