@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pldr_core.config import PLDRConfig, preset as make_preset
 from pldr_core.device import resolve_device
 from pldr_core.errors import PLDRError
-from pldr_core.kernels import DEFAULT_METRIC_PRECISION
+from pldr_core.kernels import DEFAULT_METRIC_PRECISION, check_metric_precision
 
 # Dense bf16 peak of the chips we know (for MFU); others report MFU as null.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -283,11 +283,7 @@ def run_bench(what: str = "all", *, preset: str = "tiny", device: str = "auto", 
     """Run the benchmark; returns {"train": ..., "decode": ..., "device": ..., "torch": ...}."""
     if what not in WHATS:
         raise PLDRError(f"unknown benchmark {what!r}; choose one of {', '.join(WHATS)}")
-    from pldr_core.kernels import METRIC_PRECISIONS
-
-    if metric_precision not in METRIC_PRECISIONS:
-        raise PLDRError(f"unknown --metric-precision {metric_precision!r}; choose one of "
-                        f"{', '.join(METRIC_PRECISIONS)}")
+    check_metric_precision(metric_precision)
     if compile_mode not in COMPILE_MODES:
         raise PLDRError(f"unknown --compile-mode {compile_mode!r}; choose one of "
                         f"{', '.join(m for m in COMPILE_MODES if m)}")

@@ -331,14 +331,15 @@ class TokenData:
             self.seq_len = int(self.meta["seq_len"])
             self.dtype = np.dtype(self.meta["dtype"])
             rows = self.meta["rows"]
+            n_train, n_val = int(rows["train"]), int(rows["val"])
+            self.vocab_size = int(self.meta["tokenizer"]["vocab_size"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise PLDRError(f"{meta_file} is unreadable or incomplete ({exc})") from None
         self.tokenizer_path = path / TOKENIZER_FILE
         if not self.tokenizer_path.is_file():
             raise PLDRError(f"{path} has no {TOKENIZER_FILE}")
-        self.vocab_size = int(self.meta["tokenizer"]["vocab_size"])
-        self.train = self._open("train.bin", int(rows["train"]))
-        self.val = self._open("val.bin", int(rows["val"]))
+        self.train = self._open("train.bin", n_train)
+        self.val = self._open("val.bin", n_val)
 
     def _open(self, name: str, rows: int) -> np.ndarray:
         file = self.path / name

@@ -57,7 +57,7 @@ def teardown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, d: Dist, *, mixed_bf16: bool = False) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     """FSDP2 on CUDA (each decoder layer its own unit, then the root), DDP on CPU; as-is for one process."""
     if not d.enabled:
         return model

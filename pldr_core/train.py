@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from pldr_core import parallel
 from pldr_core.config import PLDRConfig
 from pldr_core.errors import PLDRError
+from pldr_core.io import atomic_write_text
 
 STEP_DIR = re.compile(r"step-(\d{8})$")
 DAG_LOG_EVERY = 10
@@ -232,11 +233,9 @@ def _validate(args: TrainArgs, d: parallel.Dist) -> None:
             raise PLDRError(f"--{name.replace('_', '-')} must be at least 1")
     if args.compile_mode not in ("graphs", "layers"):
         raise PLDRError(f"unknown --compile-mode {args.compile_mode!r}; choose graphs or layers")
-    from pldr_core.kernels import METRIC_PRECISIONS
+    from pldr_core.kernels import check_metric_precision
 
-    if args.metric_precision not in METRIC_PRECISIONS:
-        raise PLDRError(f"unknown --metric-precision {args.metric_precision!r}; choose one of "
-                        f"{', '.join(METRIC_PRECISIONS)}")
+    check_metric_precision(args.metric_precision)
     if args.batch_size % (d.world * args.grad_accum):
         raise PLDRError(f"--batch-size {args.batch_size} must be divisible by world size x grad-accum "
                         f"({d.world} x {args.grad_accum})")
@@ -300,7 +299,6 @@ def _pretrain(args: TrainArgs, d: parallel.Dist, on_log, on_event) -> TrainResul
         from pldr_core.checkpoint import WEIGHTS_FILE, _load_weights
 
         _load_weights(model, load_file(str(resume_from / WEIGHTS_FILE)), resume_from)
-        saved = json.loads((resume_from / STATE_FILE).read_text())
         start_step, samples_seen = saved["step"], saved["samples_seen"]
         tokens_seen, first_val = saved["tokens_seen"], saved.get("first_val_loss")
         opt_state = _unflatten_optimizer(load_file(str(resume_from / OPTIM_FILE)), saved["optimizer"])
@@ -432,10 +430,12 @@ def _pretrain(args: TrainArgs, d: parallel.Dist, on_log, on_event) -> TrainResul
                 lr = lr_at(step, lr=args.lr, warmup=warmup, steps=args.steps, min_ratio=args.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                rows = rank_rows(train_sampler, samples_seen).to(d.device)
-                y_all = rows[:, 1:]
-                counts = torch.tensor([float((y_all != pad).sum())], device=d.device, dtype=torch.float64)
-                n_global = parallel.all_reduce_sum(counts, d).item()
+                rows = rank_rows(train_sampler, samples_seen)
+                n_global = float((rows[:, 1:] != pad).sum())  # counted on the host: no device sync
+                if d.enabled:
+                    counts = torch.tensor([n_global], device=d.device, dtype=torch.float64)
+                    n_global = parallel.all_reduce_sum(counts, d).item()
+                rows = rows.to(d.device)
                 stats = torch.zeros(2, dtype=torch.float64, device=d.device)  # ce sum, correct
                 dag_log: dict[str, torch.Tensor] = {}
                 # Logged DAG terms cost three matrix exponentials per layer: take them every
@@ -466,9 +466,10 @@ def _pretrain(args: TrainArgs, d: parallel.Dist, on_log, on_event) -> TrainResul
                     with torch.no_grad():
                         stats += torch.stack([ce.detach().double(),
                                               ((logits.argmax(-1) == y) & (y != pad)).sum().double()])
-                        if compiled is not None and not sync:
+                        if compiled is not None and m == 0 and not sync:
                             # The first backward's gradients live in the CUDA-graph pool, which the
-                            # next micro-batch overwrites: take them out before accumulating more.
+                            # next micro-batch overwrites: take them out before accumulating more
+                            # (later backwards add into these copies in place).
                             for p in params:
                                 if p.grad is not None:
                                     p.grad = p.grad.clone()
@@ -491,9 +492,7 @@ def _pretrain(args: TrainArgs, d: parallel.Dist, on_log, on_event) -> TrainResul
                 if not math.isfinite(loss_value):
                     raise TrainingDiverged(f"loss is {loss_value} at step {step}; lower --lr or check the "
                                            "data (the last checkpoint is kept)")
-                if d.device.type == "cuda":
-                    torch.cuda.synchronize(d.device)
-                dt = time.perf_counter() - t0
+                dt = time.perf_counter() - t0  # loss_value's .item() waited for the step
                 last = {"step": step, "loss": loss_value, "acc": stats[1].item() / max(n_global, 1.0),
                         "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": args.batch_size * seq_len / dt,
                         "tokens_seen": tokens_seen}
@@ -559,9 +558,7 @@ def _trim_metrics(path: Path, keep_upto: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= keep_upto]
-    if keep_upto == 0:
-        kept = []
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _jsonable(args: TrainArgs) -> dict:

@@ -88,6 +88,15 @@ def test_tokenize_save_to_disk_and_parquet(tmp_path, spm_model):
              "--seq-len", 16)
     assert r.exit_code == 0, r.output
     assert json.loads((out / "meta.json").read_text())["documents"] == 60
+    # A meta.json without the tokenizer's vocabulary size is a clear error, not a KeyError.
+    from pldr_core.data import TokenData
+    from pldr_core.errors import PLDRError
+
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["tokenizer"]["vocab_size"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(PLDRError, match="unreadable or incomplete"):
+        TokenData(out)
 
 
 @pytest.mark.parametrize("case", ["missing", "empty_dir", "empty_file", "bad_suffix", "too_small",

@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from pldr_core.attention import EPS_ADJ, PLGAParams, PLGAttention
+from pldr_core.errors import PLDRError
 from pldr_core.kernels import glu_stack
 
 __all__ = ["enable_fused", "disable_fused", "is_fused", "fused_metric_A", "fused_metric_chain",
-           "prepare_metric_path", "optimize_for_training", "KERNELS", "METRIC_PRECISIONS",
-           "DEFAULT_METRIC_PRECISION"]
+           "check_metric_precision", "prepare_metric_path", "optimize_for_training", "KERNELS",
+           "METRIC_PRECISIONS", "DEFAULT_METRIC_PRECISION"]
 
 
 def _residual_unit(A: torch.Tensor, unit) -> torch.Tensor:
@@ -131,12 +132,13 @@ def is_fused(model) -> bool:
 
 METRIC_PRECISIONS = ("tf32", "fp32")
 DEFAULT_METRIC_PRECISION = "tf32"
-METRIC_PRECISION_NOTE = (
-    "TF32 trains like fp32 here: under bf16 autocast (SPEC's training setting) the gradients already "
-    "differ from float64's by O(1) norm-wise with an fp32 metric path (1.43 for the metric path's, "
-    "0.89 for the rest; small preset), and TF32 in the metric path does not add to that (1.29, 0.75). "
-    "300 steps of the small preset end at val loss 6.4746 with TF32 against 6.4780 with fp32 and 6.4779 "
-    "in float64 (scripts/metric_precision_study.py: CPU, TF32 emulated; tests/test_metric_precision.py).")
+
+
+def check_metric_precision(metric_precision: str) -> None:
+    """Raise a ``PLDRError`` naming the choices unless ``metric_precision`` is one of them."""
+    if metric_precision not in METRIC_PRECISIONS:
+        raise PLDRError(f"unknown metric_precision (--metric-precision) {metric_precision!r}; choose one "
+                        f"of {', '.join(METRIC_PRECISIONS)}")
 
 
 def prepare_metric_path(model, device=None, *, metric_precision: str = DEFAULT_METRIC_PRECISION) -> int:
@@ -145,11 +147,16 @@ def prepare_metric_path(model, device=None, *, metric_precision: str = DEFAULT_M
     On CUDA the residual GLU stack runs as the Triton kernels with ``metric_precision`` matmuls: "tf32"
     (default) or "fp32". With "tf32" the torch matmuls of the metric path (A0 = q^T q, W @ A,
     alpha @ A_P) also go to TF32: this sets the process-wide ``torch.backends.cuda.matmul.allow_tf32``
-    (under bf16 autocast the metric path's matmuls are the only fp32 ones). Why TF32 is the default:
-    ``METRIC_PRECISION_NOTE``. On CPU the fused torch formulation is used (same maths, fp32/fp64).
+    (under bf16 autocast the metric path's matmuls are the only fp32 ones). On CPU the fused torch
+    formulation is used (same maths, fp32/fp64).
+
+    Why TF32 is the default: under bf16 autocast (SPEC's training setting) the gradients already differ
+    from float64's by O(1) norm-wise with an fp32 metric path (1.43 for the metric path's, 0.89 for the
+    rest; small preset), and TF32 in the metric path does not add to that (1.29, 0.75). 300 steps of
+    the small preset end at val loss 6.4746 with TF32 against 6.4780 with fp32 and 6.4779 in float64
+    (``scripts/metric_precision_study.py``: CPU, TF32 emulated; ``tests/test_metric_precision.py``).
     """
-    if metric_precision not in METRIC_PRECISIONS:
-        raise ValueError(f"metric_precision must be one of {METRIC_PRECISIONS}, got {metric_precision!r}")
+    check_metric_precision(metric_precision)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     n = enable_fused(model, precision="tf32" if metric_precision == "tf32" else "ieee")
     if device.type == "cuda" and metric_precision == "tf32" and n:
@@ -165,8 +172,7 @@ def optimize_for_training(model, device=None, *, mode: str | None = None,
     its parameters). ``mode`` is passed to ``torch.compile`` (default: its default mode).
     ``metric_precision``: see ``prepare_metric_path``.
     """
-    if metric_precision not in METRIC_PRECISIONS:
-        raise ValueError(f"metric_precision must be one of {METRIC_PRECISIONS}, got {metric_precision!r}")
+    check_metric_precision(metric_precision)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if device.type != "cuda":
         return model

@@ -14,7 +14,8 @@ ops that is ~40 kernels per unit on small [B, H, dk, dk] tensors; here it is thr
 
 The hidden size is padded to a multiple of the chunk width with zero weights, which adds nothing to the
 result (silu(0) * 0 = 0 and the padded rows of W3 are zero). Matmuls are fp32 (``precision="ieee"``) by
-default; ``"tf32"`` uses TF32 tensor cores (faster, but see ``optimize_for_training`` on its gradients).
+default; ``"tf32"`` uses TF32 tensor cores (faster; ``pldr_core.kernels.prepare_metric_path`` says
+why training uses it).
 
 ``glu_stack`` is the entry point; it is a ``torch.library`` custom op, so ``torch.compile`` (and CUDA
 graphs) treat it as one opaque call. On CPU tensors it runs the same kernels in Triton's interpreter,
