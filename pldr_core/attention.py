@@ -24,6 +24,13 @@ EPS_ADJ = 1e-9  # keeps A_LM strictly positive so that A_LM ** P is defined
 _MASKED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def metric_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the metric path runs in for a model (or input) of ``dtype``: fp64 stays fp64, anything
+    else is fp32, also bf16/fp16 under autocast (A sums S outer products, A_LM ** P amplifies rounding;
+    it is ~2.5% of the FLOPs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class GLU(nn.Module):
     """W3( silu(W1 x + b1) * (W2 x + b2) ) + b3, the SwiGLU block of the FFN and of the metric path."""
 
@@ -174,11 +181,6 @@ class PLGAttention(nn.Module):
             A = unit(A)
         return A
 
-    def _metric_dtype(self, q: torch.Tensor) -> torch.dtype:
-        # The metric path runs in fp32 even under bf16 autocast: A sums S outer products and A_LM ** P
-        # amplifies rounding; it is ~2.5% of the FLOPs.
-        return torch.float64 if q.dtype == torch.float64 else torch.float32
-
     # ---- forward -----------------------------------------------------------------------------
     def forward(
         self,
@@ -244,7 +246,7 @@ class PLGAttention(nn.Module):
             A_LM, G_LM = g_cache.get(layer)
             deductive.update(A_LM=A_LM, G_LM=G_LM)
             return G_LM
-        mdtype = self._metric_dtype(q)
+        mdtype = metric_dtype(q.dtype)
         with torch.autocast(device_type=q.device.type, enabled=False):
             if kv_cache is not None and kv_cache.filled:
                 A = kv_cache.A[layer]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from pldr_core.attention import metric_dtype
 from pldr_core.errors import PLDRError
 
 
@@ -52,8 +53,8 @@ class KVCache(_RowFlags):
         shape = (num_layers, batch, num_heads, max_len, head_dim)
         k = torch.zeros(shape, device=device, dtype=dtype)
         v = torch.zeros(shape, device=device, dtype=dtype)
-        mdtype = torch.float64 if dtype == torch.float64 else torch.float32
-        A = (torch.zeros(num_layers, batch, num_heads, head_dim, head_dim, device=device, dtype=mdtype)
+        A = (torch.zeros(num_layers, batch, num_heads, head_dim, head_dim, device=device,
+                         dtype=metric_dtype(dtype))
              if metric else None)
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
         return cls(k, v, A, lengths, {"filled": [False] * batch})
@@ -142,9 +143,8 @@ class GCache(_RowFlags):
     def for_model(cls, model, batch: int, device=None) -> "GCache":
         cfg = model.config
         p = next(model.parameters())
-        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         return cls.allocate(num_layers=cfg.num_layers, batch=batch, num_heads=cfg.num_heads,
-                            head_dim=cfg.head_dim, device=device or p.device, dtype=dtype)
+                            head_dim=cfg.head_dim, device=device or p.device, dtype=metric_dtype(p.dtype))
 
     @classmethod
     def from_tensors(cls, A_LM: torch.Tensor, G_LM: torch.Tensor, meta=None) -> "GCache":

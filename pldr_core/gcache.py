@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from pldr_core import __version__
+from pldr_core.attention import metric_dtype
 from pldr_core.cache import GCache
 from pldr_core.errors import PLDRError
 from pldr_core.io import atomic_path
@@ -83,8 +84,7 @@ def read_gcache(path: str | Path, model=None, *, force: bool = False) -> GCache:
     if model is not None:
         check_gcache_fits(meta, model, path, force=force)
         p = next(model.parameters())
-        mdtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-        A, G = A.to(p.device, mdtype), G.to(p.device, mdtype)
+        A, G = A.to(p.device, metric_dtype(p.dtype)), G.to(p.device, metric_dtype(p.dtype))
     return GCache.from_tensors(A, G, meta=meta)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pldr_core.attention import metric_dtype
 from pldr_core.cache import GCache, KVCache
 from pldr_core.device import resolve_device, resolve_dtype
 
@@ -456,8 +457,7 @@ def load_for_generation(model_path, *, device=None, dtype=None, gcache=None, for
         gc = read_gcache(gcache, model, force=force)
     cast_for_inference(model.to(device=dev), dt)
     if gc is not None:
-        mdtype = torch.float64 if dt == torch.float64 else torch.float32
-        gc = gc.to(device=dev, dtype=mdtype)
+        gc = gc.to(device=dev, dtype=metric_dtype(dt))
     return model, gc
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pldr_core.attention import GLU, PLGAttention, rope_tables
+from pldr_core.attention import GLU, PLGAttention, metric_dtype, rope_tables
 from pldr_core.cache import GCache, KVCache
 from pldr_core.config import PLDRConfig
 
@@ -159,13 +159,12 @@ def _is_metric_param(name: str) -> bool:
 def cast_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast ``model`` to ``dtype`` in place, except the metric path, which stays at least fp32.
 
-    The metric path runs in fp32 under any autocast (see ``PLGAttention._metric_dtype``): A sums S
-    outer products of q and A_LM ** P amplifies rounding. So its own parameters stay fp32 in a bf16 or
-    fp16 model (fp64 in a fp64 one), and the layers feed it fp32 inputs.
+    The metric path runs in fp32 under any autocast (``attention.metric_dtype``), so its own parameters
+    stay fp32 in a bf16 or fp16 model (fp64 in a fp64 one), and the layers feed it fp32 inputs.
     """
-    metric_dtype = torch.promote_types(dtype, torch.float32)
+    mdtype = metric_dtype(dtype)
     for name, p in model.named_parameters():
-        p.data = p.data.to(metric_dtype if _is_metric_param(name) else dtype)
+        p.data = p.data.to(mdtype if _is_metric_param(name) else dtype)
     for b in model.buffers():
         if b.is_floating_point():
             b.data = b.data.to(dtype)
