@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pldr_cli._common import STATE, console, handle_errors, is_terminal, print_json
+from pldr_cli._common import STATE, LiveDisplay, console, handle_errors, is_terminal, print_json
 
 EPILOG = """Examples:
 
@@ -34,28 +34,19 @@ def register(app: typer.Typer) -> None:
                 help="Score a model on lm-eval tasks (pldr_zeroshot: the paper's zero-shot suite).")(eval_cmd)
 
 
-class _Bar:
+class _Bar(LiveDisplay):
     """A rich progress bar in a terminal, a plain line every 25% otherwise."""
 
     def __init__(self, enabled: bool, con):
-        self.enabled, self.con = enabled, con
-        self.progress = None
+        self.con = con
         self.tasks: dict[str, int] = {}
         self.done: dict[str, int] = {}
         self.marks: dict[str, int] = {}
-
-    def __enter__(self):
-        if self.enabled:
+        if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), console=self.con, transient=True)
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
+                                     TimeElapsedColumn(), console=con, transient=True)
 
     def __call__(self, advance: int, total: int, what: str) -> None:
         if what not in self.tasks or self.done.get(what, 0) >= total:
