@@ -38,15 +38,14 @@ def export_gcache(
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    from pldr_core.checkpoint import detect_layout, load_config
+    from pldr_core.checkpoint import load_config
     from pldr_core.gcache import REDUCTIONS, export_gcache as run_export
     from pldr_core.device import resolve_device
     from pldr_core.generate import find_tokenizer, parse_token_ids, read_prompts_file
 
     if reduce not in REDUCTIONS:
         raise fail(f"--reduce must be first or mean, got {reduce!r}")
-    detect_layout(model)
-    config = load_config(model)
+    config = load_config(model)  # also refuses a path that is no model
     if not config.has_metric_path:
         raise fail(f"{model} has g_mode {config.g_mode!r}: no metric path to export a G-cache from "
                    f"(only learned-G models have one)")

@@ -67,7 +67,7 @@ def generate(
                                   "~150-190 tokens/s eager). Default: on for CUDA with the KV-cache, off "
                                   "on CPU (there it runs uncompiled). Ignored with --no-kv-cache."),
 ) -> None:
-    from pldr_core.checkpoint import detect_layout, load_config
+    from pldr_core.checkpoint import load_config
     from pldr_core.generate import (GenerationStats, Sampler, continuation_text, encode_prompt,
                                     find_tokenizer, gcache_fidelity, load_for_generation,
                                     parse_token_ids, read_prompts_file)
@@ -75,8 +75,7 @@ def generate(
     from pldr_core.generate import generate as run_generate
 
     # ---- validate everything before loading weights --------------------------------------------
-    detect_layout(model)
-    config = load_config(model)
+    config = load_config(model)  # also refuses a path that is no model
     resolve_dtype(dtype)
     if gcache is not None and not g_cache:
         raise fail("--gcache and --no-g-cache contradict each other; drop one")
