@@ -289,22 +289,24 @@ def inspect_deductive(model, prompts: list[Prompt], *, gcache: GCache | None = N
                 stat_diff[nm][s] = max(stat_diff[nm][s], _agreement(sx[s], sy[s])["max_abs_diff"])
             for s, a, b in (("rmse", rx, ry), ("rmse_rel", rrx, rry), ("dag", dx, dy)):
                 stat_diff[nm][s] = max(stat_diff[nm][s], _agreement(a, b)["max_abs_diff"])
-            per_tensor[nm] = (sx, rx, rrx, dx, sy, ry, rry, X, Y)
+            per_tensor[nm] = dict(sx=sx, rx=rx, rrx=rrx, dx=dx, sy=sy, ry=ry, rry=rry, dy=dy, X=X, Y=Y)
         for h in range(H):
             entry = {"layer": i, "head": h}
-            for nm, (sx, rx, rrx, dx, sy, ry, rry, X, Y) in per_tensor.items():
-                e = {s: sx[s][:, h].tolist() for s in PER_PROMPT_STATS}
-                e.update(rmse=float(rx[h]), rmse_rel=float(rrx[h]), dag=float(dx[h]))
+            for nm, t in per_tensor.items():
+                sy = t["sy"]
+                e = {s: t["sx"][s][:, h].tolist() for s in PER_PROMPT_STATS}
+                e.update(rmse=float(t["rx"][h]), rmse_rel=float(t["rrx"][h]), dag=float(t["dx"][h]))
                 e["cached"] = {"det": sy["det"][:, h].tolist(), "logabsdet": sy["logabsdet"][:, h].tolist(),
-                               "rmse": float(ry[h]), "rmse_rel": float(rry[h]), "dag": float(dy[h]),
-                               "tensor": _agreement(X[:, h], Y[:, h])}
+                               "rmse": float(t["ry"][h]), "rmse_rel": float(t["rry"][h]),
+                               "dag": float(t["dy"][h]), "tensor": _agreement(t["X"][:, h], t["Y"][:, h])}
                 entry[nm] = e
             if file_G is not None:
-                entry["gcache_file"] = _file_entry(file_A[i, h], file_G[i, h], un, i, h)
+                prompt_det = {nm: per_tensor[nm]["sx"]["det"][:, h] for nm in ("A_LM", "G_LM")}
+                entry["gcache_file"] = _file_entry(file_A[i, h], file_G[i, h], un, i, h, prompt_det)
             entries.append(entry)
         layer = {"layer": i}
-        for nm, (sx, rx, rrx, dx, *_rest) in per_tensor.items():
-            X = per_tensor[nm][7]
+        for nm, t in per_tensor.items():
+            sx, rx, rrx, X = t["sx"], t["rx"], t["rrx"], t["X"]
             layer[nm] = {
                 "dag": float(dag_loss_term(X)),
                 "rmse_mean": float(rx.mean()), "rmse_max": float(rx.max()),
@@ -313,7 +315,7 @@ def inspect_deductive(model, prompts: list[Prompt], *, gcache: GCache | None = N
                 "det_min": float(sx["det"].min()), "det_max": float(sx["det"].max()),
                 "rank_min": int(sx["rank"].min()), "top_sv_share_mean": float(sx["top_sv_share"].mean()),
                 "asymmetry_mean": float(sx["asymmetry"].mean()), "min": float(sx["min"].min()),
-                "cache_max_abs_diff": _agreement(X, per_tensor[nm][8])["max_abs_diff"],
+                "cache_max_abs_diff": _agreement(X, t["Y"])["max_abs_diff"],
             }
         layers.append(layer)
 
@@ -379,8 +381,9 @@ def inspect_deductive(model, prompts: list[Prompt], *, gcache: GCache | None = N
     return InspectResult(report=report, tensors=tensors)
 
 
-def _file_entry(A_f: torch.Tensor, G_f: torch.Tensor, un: dict, i: int, h: int) -> dict:
-    """The G-cache file's A_LM / G_LM for one layer and head, against the prompts' own tensors."""
+def _file_entry(A_f: torch.Tensor, G_f: torch.Tensor, un: dict, i: int, h: int, prompt_det: dict) -> dict:
+    """The G-cache file's A_LM / G_LM for one layer and head, against the prompts' own tensors
+    (``prompt_det``: {name: the prompts' determinants for this layer and head}, already computed)."""
     out = {}
     for nm, F in (("A_LM", A_f), ("G_LM", G_f)):
         s = matrix_stats(F)
@@ -390,7 +393,7 @@ def _file_entry(A_f: torch.Tensor, G_f: torch.Tensor, un: dict, i: int, h: int) 
         out[nm] = {"det": float(s["det"]), "logabsdet": float(s["logabsdet"]),
                    "max_abs_diff_vs_prompts": diff, "equal_decimals": equal_decimals(diff),
                    "per_prompt_max_abs_diff": per_prompt.tolist(),
-                   "det_max_abs_diff_vs_prompts": float((matrix_stats(X)["det"] - s["det"]).abs().max())}
+                   "det_max_abs_diff_vs_prompts": float((prompt_det[nm] - s["det"]).abs().max())}
     return out
 
 
