@@ -84,6 +84,7 @@ def test_kv_g_cached_statistics_identical_to_uncached():
         for nm in ("A_LM", "A_P", "G_LM"):
             assert e[nm]["cached"]["det"] == pytest.approx(e[nm]["det"], rel=1e-13, abs=1e-300)
             assert e[nm]["cached"]["rmse"] == pytest.approx(e[nm]["rmse"], rel=1e-13, abs=1e-300)
+            assert e[nm]["cached"]["dag"] == pytest.approx(e[nm]["dag"], rel=1e-12, abs=1e-300)
     logits = fid["logits"]
     assert fid["reference"] == "kv+g"
     assert logits["kv"]["max_abs_diff"] <= 1e-12 and logits["kv"]["argmax_equal"]
