@@ -2,11 +2,12 @@
 
 For the next person tuning ``pldr_core.kernels.glu_stack.TUNING``: at the paper-110m shape (batch 16 x
 1024 by default) it times each kernel (forward, backward for the data, backward for the weights) for a
-grid of (rows per program, warps, stages) and each precision, and reports each precision's worst
+grid of (rows per program, hidden chunk width, warps, stages) and each operand precision (ieee, tf32,
+bf16; TUNING has one table for bf16 and one that ieee and tf32 share), and reports each precision's worst
 error against the same stack in float64 (output, dA0, and the W1/W3 gradients, each as max |error| /
 max |exact|). Nothing is written; paste the best rows into TUNING.
 
-    python scripts/tune_glu_kernels.py                     # ieee, tf32, tf32x3
+    python scripts/tune_glu_kernels.py                     # ieee, tf32, bf16
     python scripts/tune_glu_kernels.py --precisions ieee --batch 8
 """
 
@@ -21,10 +22,10 @@ from pldr_core.config import preset
 from pldr_core.init import build_model
 from pldr_core.kernels import glu_stack as gs
 
-GRID = {
-    "fwd": [(32, 4, 1), (64, 4, 1), (64, 4, 2), (64, 8, 1), (128, 8, 2)],
-    "bwd_data": [(64, 4, 1), (64, 4, 2), (64, 4, 3), (128, 8, 2)],
-    "bwd_weights": [(32, 4, 1), (64, 4, 1), (64, 4, 2), (32, 4, 2)],
+GRID = {  # (rows per program, hidden chunk width, warps, stages)
+    "fwd": [(32, 32, 4, 1), (64, 32, 4, 1), (64, 32, 4, 2), (64, 64, 4, 1), (128, 32, 8, 2)],
+    "bwd_data": [(64, 32, 4, 1), (64, 32, 4, 2), (64, 64, 4, 1), (128, 32, 8, 2)],
+    "bwd_weights": [(32, 32, 4, 1), (64, 32, 4, 1), (64, 32, 4, 2), (64, 64, 4, 2)],
 }
 
 
@@ -47,7 +48,7 @@ def _rel(a: torch.Tensor, exact: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--precisions", nargs="+", default=["ieee", "tf32", "tf32x3"])
+    ap.add_argument("--precisions", nargs="+", default=["ieee", "tf32", "bf16"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=1024)
     args = ap.parse_args()
@@ -74,7 +75,8 @@ def main() -> None:
     exact_w3 = torch.stack([g.gluw3.weight.grad for g in glus]).transpose(1, 2)
     hidden = exact_w1.shape[-1]
 
-    tensors, eps, per_unit = gs.pack(attn.layernorm1, attn.reslayerAs)
+    widest = max(bf for grid in GRID.values() for _, bf, _, _ in grid)
+    tensors, eps, per_unit = gs.pack(attn.layernorm1, attn.reslayerAs, widest)
     tensors = [t.detach() for t in tensors]
     dy32 = dy.float()
 
@@ -93,18 +95,19 @@ def main() -> None:
                   _rel(grads[1][..., :hidden], exact_w1), _rel(grads[5][:, :hidden], exact_w3))
         print(f"{prec}: error vs float64  out {errors[0]:.2e}  dA0 {errors[1]:.2e}  "
               f"dW1 {errors[2]:.2e}  dW3 {errors[3]:.2e}")
+        table = gs.tuning(prec)
         for name, grid in GRID.items():
-            default = dict(gs.TUNING[name])
-            for bm, warps, stages in grid:
-                gs.TUNING[name] = {"BM": bm, "num_warps": warps, "num_stages": stages}
+            default = dict(table[name])
+            for bm, bf, warps, stages in grid:
+                table[name] = {"BM": bm, "BF": bf, "num_warps": warps, "num_stages": stages}
+                label = f"{name:12s} BM={bm:<4d} BF={bf:<3d} warps={warps} stages={stages}"
                 try:
                     ms = _time_ms(lambda: fwd(prec)) if name == "fwd" else _time_ms(lambda: bwd(prec, saved))
-                    print(f"  {name:12s} BM={bm:<4d} warps={warps} stages={stages}: {1000 * ms:8.1f} us"
-                          + ("" if name == "fwd" else "  (both backward kernels)"))
+                    print(f"  {label}: {1000 * ms:8.1f} us" + ("" if name == "fwd" else "  (both backward kernels)"))
                 except Exception as exc:  # a config that does not fit (shared memory) is reported, not fatal
-                    print(f"  {name:12s} BM={bm:<4d} warps={warps} stages={stages}: failed: {exc!r:.120}")
+                    print(f"  {label}: failed: {exc!r:.120}")
                 finally:
-                    gs.TUNING[name] = default
+                    table[name] = default
             torch.cuda.synchronize()
 
 

@@ -57,7 +57,7 @@ def test_run_bench_refuses_bad_input():
     with pytest.raises(PLDRError, match="unknown benchmark"):
         run_bench("speed", device="cpu")
     with pytest.raises(PLDRError, match="metric-precision"):
-        run_bench("train", device="cpu", metric_precision="bf16")
+        run_bench("train", device="cpu", metric_precision="fp16")
     with pytest.raises(PLDRError, match="exceeds"):
         run_bench("train", preset="tiny", device="cpu", seq_len=4096)
     with pytest.raises(PLDRError, match="positive"):

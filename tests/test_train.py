@@ -114,7 +114,7 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, tok_dir):
         "batch": ["--batch-size", 3, "--grad-accum", 2],
         "gfixed": ["--g-mode", "fixed"],
         "dag": ["--dag", "1,2"],
-        "precision": ["--metric-precision", "bf16"],
+        "precision": ["--metric-precision", "fp16"],
         "compile_mode": ["--compile-mode", "max"],
     }
     for name, extra in cases.items():

@@ -97,7 +97,7 @@ def enable_fused(model, *, kernel: str = "auto", precision: str = "ieee") -> int
 
     ``kernel``: "auto" (Triton kernels for CUDA fp32 inputs, torch otherwise), "triton" (also on CPU
     tensors, which needs TRITON_INTERPRET=1: for tests) or "torch". ``precision``: the Triton kernels'
-    matmul precision, "ieee" (fp32, the default) or "tf32" (see ``prepare_metric_path``).
+    matmul precision, "ieee" (fp32, the default), "tf32" or "bf16" (see ``prepare_metric_path``).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -130,8 +130,10 @@ def is_fused(model) -> bool:
     return any(type(m) is FusedPLGAttention for m in model.modules())
 
 
-METRIC_PRECISIONS = ("tf32", "fp32")
+METRIC_PRECISIONS = ("tf32", "bf16", "fp32")
 DEFAULT_METRIC_PRECISION = "tf32"
+# --metric-precision -> the GLU-stack kernels' operand precision
+_KERNEL_PRECISION = {"tf32": "tf32", "bf16": "bf16", "fp32": "ieee"}
 
 
 def check_metric_precision(metric_precision: str) -> None:
@@ -145,8 +147,9 @@ def prepare_metric_path(model, device=None, *, metric_precision: str = DEFAULT_M
     """Put ``model``'s learned-G layers on the fused metric path for training; returns how many.
 
     On CUDA the residual GLU stack runs as the Triton kernels with ``metric_precision`` matmuls: "tf32"
-    (default) or "fp32". With "tf32" the torch matmuls of the metric path (A0 = q^T q, W @ A,
-    alpha @ A_P) also go to TF32: this sets the process-wide ``torch.backends.cuda.matmul.allow_tf32``
+    (default), "bf16" (operands rounded to bf16 as autocast would, fp32 accumulation; the fastest) or
+    "fp32". With "tf32" or "bf16" the torch matmuls of the metric path (A0 = q^T q, W @ A,
+    alpha @ A_P) go to TF32: this sets the process-wide ``torch.backends.cuda.matmul.allow_tf32``
     (under bf16 autocast the metric path's matmuls are the only fp32 ones). On CPU the fused torch
     formulation is used (same maths, fp32/fp64).
 
@@ -158,8 +161,8 @@ def prepare_metric_path(model, device=None, *, metric_precision: str = DEFAULT_M
     """
     check_metric_precision(metric_precision)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    n = enable_fused(model, precision="tf32" if metric_precision == "tf32" else "ieee")
-    if device.type == "cuda" and metric_precision == "tf32" and n:
+    n = enable_fused(model, precision=_KERNEL_PRECISION[metric_precision])
+    if device.type == "cuda" and metric_precision != "fp32" and n:
         torch.backends.cuda.matmul.allow_tf32 = True
     return n
 

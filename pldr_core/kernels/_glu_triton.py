@@ -3,10 +3,20 @@
 Kept in their own module so that importing the library never imports Triton; under
 ``TRITON_INTERPRET=1`` (set by the test suite on machines without a GPU) ``triton.jit`` gives the
 interpreter, which runs the same kernels on CPU tensors.
+
+``PREC`` is the matmul operand precision: "ieee" (fp32), "tf32", or "bf16" (every matmul operand
+rounded to bfloat16, products accumulated in fp32; everything between the matmuls stays fp32).
 """
+
+import os
 
 import triton
 import triton.language as tl
+
+# Triton's interpreter gets bfloat16 wrong (under triton 3.9 its tl.dot on bf16 tiles returns garbage
+# and its fp32 -> bf16 cast truncates), so there "bf16" rounds operands to nearest-even by hand and
+# multiplies them in fp32: the same products as the GPU's bf16 tensor cores with fp32 accumulation.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -34,8 +44,28 @@ def _ln_bwd(x, dy, w_ptr, dw_ptr, cols, eps, D: tl.constexpr):
 
 @triton.jit
 def _mm(a, b, PREC: tl.constexpr):
-    """a @ b, fp32 accumulation; PREC is tl.dot's input precision ("ieee" or "tf32")."""
-    return tl.dot(a, b, input_precision=PREC)
+    """a @ b with fp32 accumulation. With PREC "bf16" both operands must already be bf16 (``_op``)."""
+    if PREC == "bf16":
+        if _INTERPRETED:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _op(a, PREC: tl.constexpr):
+    """``a`` as a matmul operand: rounded to bf16 once (outside the chunk loops) for PREC "bf16"."""
+    if PREC == "bf16":
+        if _INTERPRETED:
+            bits = a.to(tl.float32).to(tl.int32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # round to nearest even
+            return bits.to(tl.float32, bitcast=True)
+        else:
+            return a.to(tl.bfloat16)
+    else:
+        return a
 
 
 @triton.jit
@@ -64,12 +94,13 @@ def _fwd(X, Y, HS, YS, W1, W2, B1, B2, W3, B3, LNW, LNB, N, eps,
         h = x
         for j in range(J):
             uj = u * J + j
+            h = _op(h, PREC)  # HS is bf16 for PREC "bf16": the backward only multiplies by it
             tl.store(HS + uj * N * D + offs, h, mask=mask)
             acc = tl.zeros([BM, D], dtype=tl.float32)
             for c in range(FP // BF):
                 a, b, w1, w2 = _hidden(h, W1, W2, B1, B2, uj, c, cols, fcols, D, FP, BF, PREC)
                 w3 = tl.load(W3 + uj * FP * D + (c * BF + fcols[:, None]) * D + cols[None, :])
-                acc += _mm(a * tl.sigmoid(a) * b, w3, PREC)
+                acc += _mm(_op(a * tl.sigmoid(a) * b, PREC), w3, PREC)
             h = acc + tl.load(B3 + uj * D + cols)[None, :]
         y = x + h
         tl.store(YS + u * N * D + offs, y, mask=mask)
@@ -98,16 +129,17 @@ def _bwd_data(X, DY, DX, HS, YS, DG, W1, W2, B1, B2, W3, LNW, DLN, N, eps,
             uj = u * J + (J - 1 - jj)
             tl.store(DG + uj * N * D + offs, dh, mask=mask)
             h = tl.load(HS + uj * N * D + offs, mask=mask, other=0.0)
+            dh_op = _op(dh, PREC)
             dh_in = tl.zeros([BM, D], dtype=tl.float32)
             for c in range(FP // BF):
                 a, b, w1, w2 = _hidden(h, W1, W2, B1, B2, uj, c, cols, fcols, D, FP, BF, PREC)
                 w3t = tl.load(W3 + uj * FP * D + (c * BF + fcols[None, :]) * D + cols[:, None])
-                dgate = _mm(dh, w3t, PREC)
+                dgate = _mm(dh_op, w3t, PREC)
                 s = tl.sigmoid(a)
                 da = dgate * b * s * (1.0 + a * (1.0 - s))
                 db = dgate * a * s
-                dh_in += _mm(da, tl.trans(w1), PREC)
-                dh_in += _mm(db, tl.trans(w2), PREC)
+                dh_in += _mm(_op(da, PREC), tl.trans(w1), PREC)
+                dh_in += _mm(_op(db, PREC), tl.trans(w2), PREC)
             dh = dh_in
         dx = dy + dh
     x0 = tl.load(X + offs, mask=mask, other=0.0)
@@ -139,14 +171,16 @@ def _bwd_weights(HS, DG, W1, W2, B1, B2, W3, DW1, DW2, DB1, DB2, DW3, DB3, N, ro
         offs = uj * N * D + rows[:, None] * D + cols[None, :]
         h = tl.load(HS + offs, mask=mask, other=0.0)
         dh = tl.load(DG + offs, mask=mask, other=0.0)  # zero rows add nothing below
+        dh_op = _op(dh, PREC)
         a, b, w1, w2 = _hidden(h, W1, W2, B1, B2, uj, c, cols, fcols, D, FP, BF, PREC)
         s = tl.sigmoid(a)
-        dgate = _mm(dh, w3t, PREC)
+        dgate = _mm(dh_op, w3t, PREC)
         da = dgate * b * s * (1.0 + a * (1.0 - s))
         db = dgate * a * s
-        acc3 += _mm(tl.trans(a * s * b), dh, PREC)
-        acc1 += _mm(tl.trans(h), da, PREC)
-        acc2 += _mm(tl.trans(h), db, PREC)
+        acc3 += _mm(tl.trans(_op(a * s * b, PREC)), dh_op, PREC)
+        ht = tl.trans(h)
+        acc1 += _mm(ht, _op(da, PREC), PREC)
+        acc2 += _mm(ht, _op(db, PREC), PREC)
         sb1 += tl.sum(da, axis=0)
         sb2 += tl.sum(db, axis=0)
         sb3 += tl.sum(dh, axis=0)

@@ -14,8 +14,9 @@ ops that is ~40 kernels per unit on small [B, H, dk, dk] tensors; here it is thr
 
 The hidden size is padded to a multiple of the chunk width with zero weights, which adds nothing to the
 result (silu(0) * 0 = 0 and the padded rows of W3 are zero). Matmuls are fp32 (``precision="ieee"``) by
-default; ``"tf32"`` uses TF32 tensor cores (faster; ``pldr_core.kernels.prepare_metric_path`` says
-why training uses it).
+default; ``"tf32"`` uses TF32 tensor cores and ``"bf16"`` rounds every matmul operand to bfloat16
+(what bf16 autocast does to a Linear), accumulating in fp32, with the LayerNorms, residual adds and
+gradients in fp32 (``pldr_core.kernels.prepare_metric_path`` says what training uses and why).
 
 ``glu_stack`` is the entry point; it is a ``torch.library`` custom op, so ``torch.compile`` (and CUDA
 graphs) treat it as one opaque call. On CPU tensors it runs the same kernels in Triton's interpreter,
@@ -28,23 +29,34 @@ import functools
 
 import torch
 
-# Hidden chunk width (A_dff is padded to a multiple of it). ptxas -v for sm_90 (TF32): 32-wide chunks
-# spill at most a few hundred bytes per thread in the three kernels, 64-wide chunks about 1-2 KB.
-BLOCK_F = 32
-# Per kernel: rows per program, warps, software-pipelining stages (more stages need more shared memory).
-# Measured on an H200 at the paper-110m shape (14,336 rows, 8 units of 2 GLUs, TF32), each kernel timed
-# alone (scripts/tune_glu_kernels.py runs the same grid): forward 276 us at 64 rows and 1 stage (406
-# with 2 stages, 387 at 128 rows with 8 warps); backward for the data 326 us at 64 rows and 2 stages
-# (339 with 1); backward for the weights 491 us at 64 rows and 2 stages with 8-11 row splits (598 at 32
-# rows, 1 stage, 5 splits). All three are bound by L1/shared-memory traffic (Nsight Compute: L1 68%,
-# L2 9%, DRAM 5% for the forward), at 2 programs per SM (255 registers). Neither TMA descriptors for the
-# weights nor one matmul for W1|W2 (and one for [da|db] @ [W1|W2]^T) was faster.
+# Per operand precision and kernel: rows per program (BM), hidden chunk width (BF; A_dff is padded to
+# a multiple of the widest), warps, software-pipelining stages (more stages need more shared memory).
+# Measured on an H200 at the paper-110m shape (14,336 rows, 8 units of 2 GLUs), each kernel timed
+# alone (scripts/tune_glu_kernels.py runs the same grid):
+# - TF32 (fp32 "ieee" uses the same): forward 276 us at 64 rows and 1 stage (406 with 2 stages, 387 at
+#   128 rows with 8 warps); backward for the data 326 us at 64 rows and 2 stages (339 with 1);
+#   backward for the weights 491 us at 64 rows and 2 stages with 8-11 row splits (598 at 32 rows,
+#   1 stage, 5 splits). All three are bound by L1/shared-memory traffic (Nsight Compute: L1 68%, L2 9%,
+#   DRAM 5% for the forward), at 2 programs per SM (255 registers). Neither TMA descriptors for the
+#   weights nor one matmul for W1|W2 (and one for [da|db] @ [W1|W2]^T) was faster. 32-wide chunks:
+#   ptxas -v shows 64-wide ones spilling 1-2 KB per thread in fp32.
+# - bf16 operands (half the shared-memory bytes, bf16 tensor cores): forward 152 us with 64-wide
+#   chunks (177 with 32), backward for the data 237 (250), backward for the weights 367 us at 64 rows,
+#   32-wide chunks and 1 stage (406 with 2 stages, 580 with 64-wide chunks). The saved GLU inputs are
+#   stored in bf16 too (the backward only multiplies by them): 171/248/382 us against 177/250/406.
 TUNING = {
-    "fwd": {"BM": 64, "num_warps": 4, "num_stages": 1},
-    "bwd_data": {"BM": 64, "num_warps": 4, "num_stages": 2},
-    "bwd_weights": {"BM": 64, "num_warps": 4, "num_stages": 2},
+    "tf32": {
+        "fwd": {"BM": 64, "BF": 32, "num_warps": 4, "num_stages": 1},
+        "bwd_data": {"BM": 64, "BF": 32, "num_warps": 4, "num_stages": 2},
+        "bwd_weights": {"BM": 64, "BF": 32, "num_warps": 4, "num_stages": 2},
+    },
+    "bf16": {
+        "fwd": {"BM": 64, "BF": 64, "num_warps": 4, "num_stages": 1},
+        "bwd_data": {"BM": 64, "BF": 64, "num_warps": 4, "num_stages": 1},
+        "bwd_weights": {"BM": 64, "BF": 32, "num_warps": 4, "num_stages": 1},
+    },
 }
-PRECISIONS = ("ieee", "tf32")
+PRECISIONS = ("ieee", "tf32", "bf16")
 
 
 def available() -> bool:
@@ -56,18 +68,34 @@ def available() -> bool:
     return True
 
 
-def _kernel(name: str, device: torch.device, n: int):
-    """(kernel, rows per program, launch options) for ``device`` (CPU tensors need the interpreter)."""
+def tuning(precision: str) -> dict[str, dict[str, int]]:
+    """The kernels' launch settings for an operand precision (fp32 "ieee" shares TF32's)."""
+    return TUNING["bf16" if precision == "bf16" else "tf32"]
+
+
+def block_f(precision: str) -> int:
+    """The multiple A_dff is padded to for ``precision``: the widest hidden chunk of its kernels."""
+    return max(t["BF"] for t in tuning(precision).values())
+
+
+def _operand(w: torch.Tensor, precision: str) -> torch.Tensor:
+    """A weight as the kernels read it: a bf16 copy for "bf16" (the gradients stay fp32)."""
+    return w.to(torch.bfloat16) if precision == "bf16" else w
+
+
+def _kernel(name: str, device: torch.device, n: int, precision: str):
+    """(kernel, rows per program, hidden chunk width, launch options) for ``device`` (CPU tensors need
+    the interpreter)."""
     import os
 
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the Triton GLU-stack kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
     from pldr_core.kernels import _glu_triton as k
 
-    tuning = dict(TUNING[name])
-    bm = tuning.pop("BM")
+    options = dict(tuning(precision)[name])
+    bm, bf = options.pop("BM"), options.pop("BF")
     bm = bm if n >= bm else 16
-    return getattr(k, "_" + name), bm, (tuning if device.type == "cuda" else {})
+    return getattr(k, "_" + name), bm, bf, (options if device.type == "cuda" else {})
 
 
 # ---- custom ops ---------------------------------------------------------------------------------------
@@ -80,20 +108,27 @@ def _glu_stack_fwd(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torc
     uj, fp = w1.shape[0], w1.shape[2]
     units = uj // glus_per_unit
     y = torch.empty_like(x)
-    hs = torch.empty(uj, n, d, dtype=x.dtype, device=x.device)
+    hs = torch.empty(uj, n, d, dtype=_hs_dtype(x, precision), device=x.device)
     ys = torch.empty(units, n, d, dtype=x.dtype, device=x.device)
-    fwd, bm, opts = _kernel("fwd", x.device, n)
+    w1, w2, w3 = (_operand(w, precision) for w in (w1, w2, w3))
+    fwd, bm, bf, opts = _kernel("fwd", x.device, n, precision)
     fwd[((n + bm - 1) // bm,)](x, y, hs, ys, w1, w2, b1, b2, w3, b3, lnw, lnb, n, eps,
-                               U=units, J=glus_per_unit, D=d, FP=fp, BF=BLOCK_F, BM=bm, PREC=precision,
+                               U=units, J=glus_per_unit, D=d, FP=fp, BF=bf, BM=bm, PREC=precision,
                                **opts)
     return y, hs, ys
+
+
+def _hs_dtype(x: torch.Tensor, precision: str) -> torch.dtype:
+    """The saved GLU inputs: bf16 for bf16 operands (the backward only multiplies by them)."""
+    return torch.bfloat16 if precision == "bf16" else x.dtype
 
 
 @_glu_stack_fwd.register_fake
 def _(x, w1, w2, b1, b2, w3, b3, lnw, lnb, eps, glus_per_unit, precision):
     n, d = x.shape
     uj = w1.shape[0]
-    return (x.new_empty(n, d), x.new_empty(uj, n, d), x.new_empty(uj // glus_per_unit, n, d))
+    return (x.new_empty(n, d), x.new_empty(uj, n, d, dtype=_hs_dtype(x, precision)),
+            x.new_empty(uj // glus_per_unit, n, d))
 
 
 @torch.library.custom_op("pldr::glu_stack_bwd", mutates_args=())
@@ -104,19 +139,20 @@ def _glu_stack_bwd(dy: torch.Tensor, x: torch.Tensor, hs: torch.Tensor, ys: torc
     n, d = x.shape
     uj, fp = w1.shape[0], w1.shape[2]
     units = uj // glus_per_unit
-    bwd_data, bm, opts = _kernel("bwd_data", x.device, n)
+    wk1, wk2, wk3 = (_operand(w, precision) for w in (w1, w2, w3))
+    bwd_data, bm, bf, opts = _kernel("bwd_data", x.device, n, precision)
     nblocks = (n + bm - 1) // bm
     dx = torch.empty_like(x)
-    dgout = torch.empty_like(hs)
+    dgout = torch.empty(hs.shape, dtype=x.dtype, device=x.device)
     dln = torch.empty(nblocks, units + 1, 2, d, dtype=x.dtype, device=x.device)
-    bwd_data[(nblocks,)](x, dy.contiguous(), dx, hs, ys, dgout, w1, w2, b1, b2, w3, lnw, dln, n, eps,
-                         U=units, J=glus_per_unit, D=d, FP=fp, BF=BLOCK_F, BM=bm, PREC=precision,
+    bwd_data[(nblocks,)](x, dy.contiguous(), dx, hs, ys, dgout, wk1, wk2, b1, b2, wk3, lnw, dln, n, eps,
+                         U=units, J=glus_per_unit, D=d, FP=fp, BF=bf, BM=bm, PREC=precision,
                          **opts)
-    bwd_weights, bm, opts = _kernel("bwd_weights", x.device, n)
+    bwd_weights, bm, bf, opts = _kernel("bwd_weights", x.device, n, precision)
     nblocks = (n + bm - 1) // bm
     # Enough row splits for about 8 programs per SM (fewer left the GPU half idle) without large
     # partial buffers.
-    splits = max(1, min(16, (8 * _sm_count(x.device)) // (uj * (fp // BLOCK_F)), nblocks))
+    splits = max(1, min(16, (8 * _sm_count(x.device)) // (uj * (fp // bf)), nblocks))
     rows_per_split = -(-nblocks // splits) * bm
     splits = -(-n // rows_per_split)
     dw1 = torch.empty(splits, *w1.shape, dtype=x.dtype, device=x.device)
@@ -125,9 +161,9 @@ def _glu_stack_bwd(dy: torch.Tensor, x: torch.Tensor, hs: torch.Tensor, ys: torc
     db1 = torch.empty(splits, *b1.shape, dtype=x.dtype, device=x.device)
     db2 = torch.empty_like(db1)
     db3 = torch.empty(splits, uj, d, dtype=x.dtype, device=x.device)
-    bwd_weights[(uj, fp // BLOCK_F, splits)](hs, dgout, w1, w2, b1, b2, w3, dw1, dw2, db1, db2, dw3, db3,
-                                            n, rows_per_split, D=d, FP=fp, BF=BLOCK_F, BM=bm,
-                                            PREC=precision, **opts)
+    bwd_weights[(uj, fp // bf, splits)](hs, dgout, wk1, wk2, b1, b2, wk3, dw1, dw2, db1, db2, dw3, db3,
+                                       n, rows_per_split, D=d, FP=fp, BF=bf, BM=bm, PREC=precision,
+                                       **opts)
     dln = dln.sum(0)
     return [dx, dw1.sum(0), dw2.sum(0), db1.sum(0), db2.sum(0), dw3.sum(0), db3.sum(0),
             dln[:, 0].contiguous(), dln[:, 1].contiguous()]
@@ -177,16 +213,17 @@ def _padded(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, spec)
 
 
-def pack(layernorm1, units) -> tuple[list[torch.Tensor], float, int]:
+def pack(layernorm1, units, multiple: int = 32) -> tuple[list[torch.Tensor], float, int]:
     """The metric path's LN_A and residual units as the kernels' tensors (differentiable views).
 
     Returns ([w1, w2, b1, b2, w3, b3, lnw, lnb], eps, glus_per_unit) with w1, w2: [U*J, dk, FP] (input
-    projections, transposed, hidden padded to FP), b1, b2: [U*J, FP], w3: [U*J, FP, dk], b3: [U*J, dk],
-    lnw, lnb: [U+1, dk] (LN_A first, then each unit's LayerNorm).
+    projections, transposed, hidden padded to FP, a multiple of ``multiple``: ``block_f(precision)``),
+    b1, b2: [U*J, FP], w3: [U*J, FP, dk], b3: [U*J, dk], lnw, lnb: [U+1, dk] (LN_A first, then each
+    unit's LayerNorm).
     """
     glus = [glu for unit in units for glu in unit.denseAs]
     hidden = glus[0].gluw1.out_features
-    fp = -(-hidden // BLOCK_F) * BLOCK_F
+    fp = -(-hidden // multiple) * multiple
     w1 = _padded(torch.stack([g.gluw1.weight for g in glus]).transpose(1, 2), 2, fp)
     w2 = _padded(torch.stack([g.gluw2.weight for g in glus]).transpose(1, 2), 2, fp)
     b1 = _padded(torch.stack([g.gluw1.bias for g in glus]), 1, fp)
@@ -217,7 +254,7 @@ def glu_stack(attn, A0: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
     """LN_A and the residual units of ``attn`` applied to A0 [..., dk, dk] (same maths as the torch path)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    tensors, eps, glus_per_unit = pack(attn.layernorm1, attn.reslayerAs)
+    tensors, eps, glus_per_unit = pack(attn.layernorm1, attn.reslayerAs, block_f(precision))
     x = A0.reshape(-1, A0.shape[-1]).contiguous()
     y, _, _ = _glu_stack_fwd(x, *tensors, eps, glus_per_unit, precision)
     return y.view(A0.shape)
