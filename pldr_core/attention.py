@@ -170,6 +170,11 @@ class PLGAttention(nn.Module):
             self.register_buffer("A_LM", torch.zeros(H, dk, dk))
 
     # ---- metric path -------------------------------------------------------------------------
+    def metric_A_of(self, q: torch.Tensor) -> torch.Tensor:
+        """``metric_A`` of q [B, H, S, dk] as the attention produced it (bf16 under autocast): the
+        metric path runs in ``metric_dtype`` (fp32; fp64 for a float64 model)."""
+        return self.metric_A(q.to(metric_dtype(q.dtype)))
+
     def metric_A(self, q: torch.Tensor) -> torch.Tensor:
         """A from post-RoPE q [B, H, S, dk]: LN_A(q^T q) through the residual units -> [B, H, dk, dk].
 
@@ -251,7 +256,7 @@ class PLGAttention(nn.Module):
             if kv_cache is not None and kv_cache.filled:
                 A = kv_cache.A[layer]
             else:
-                A = self.metric_A(q.to(mdtype))
+                A = self.metric_A_of(q)
                 if kv_cache is not None:
                     kv_cache.store_A(layer, A)
             A_LM, A_P, G_LM = self.plgatt_layer(A.to(mdtype))

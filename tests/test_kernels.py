@@ -392,3 +392,32 @@ def test_bf16_metric_kernels_under_autocast_are_as_accurate_as_fp32_metric_path_
         torch.backends.cuda.matmul.allow_tf32 = tf32
     median = {k: statistics.median(v) for k, v in errors.items()}
     assert median["bf16 kernels"] < 2 * median["eager fp32 metric"] + 1e-3, errors
+
+
+@gpu
+@needs_cuda
+def test_gram_of_bf16_q_equals_the_fp32_path_on_gpu():
+    # Under autocast the fused path forms A0 = q^T q from bf16 q directly (fp32 accumulation, fp32
+    # out): same values and the same gradient as casting q to fp32 first.
+    from pldr_core.kernels import _Gram
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        gen = torch.Generator("cuda").manual_seed(0)
+        q = torch.randn(2, 3, 300, 64, device="cuda", generator=gen).bfloat16().requires_grad_(True)
+        q_ref = q.detach().clone().requires_grad_(True)
+        up = torch.randn(2, 3, 64, 64, device="cuda", generator=gen)
+        A = _Gram.apply(q)
+        qf = q_ref.float()  # one cast, as in the eager model: both uses' gradients meet in fp32
+        A_ref = torch.matmul(qf.transpose(-1, -2), qf)
+        assert A.dtype == torch.float32
+        torch.testing.assert_close(A, A_ref, rtol=1e-5, atol=1e-4)
+        (A * up).sum().backward()
+        (A_ref * up).sum().backward()
+        assert q.grad.dtype == torch.bfloat16
+        # One bf16 rounding of the same fp32 sums (summed in another order): an ulp of bf16 at most.
+        scale = q_ref.grad.float().abs().max()
+        torch.testing.assert_close(q.grad.float(), q_ref.grad.float(), rtol=2**-6, atol=1e-3 * scale)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -56,7 +56,31 @@ def _use_triton(attn, A0: torch.Tensor) -> bool:
 
 def fused_metric_A(attn: PLGAttention, q: torch.Tensor) -> torch.Tensor:
     """A from post-RoPE q [B, H, S, dk] (same maths as ``PLGAttention.metric_A``)."""
-    A = torch.matmul(q.transpose(-1, -2), q)
+    return _fused_stack(attn, torch.matmul(q.transpose(-1, -2), q))
+
+
+class _Gram(torch.autograd.Function):
+    """A0 = q^T q in fp32 from a bf16/fp16 CUDA q, without an fp32 copy of q.
+
+    q's values are exact in fp32, so reading them as they are and accumulating in fp32 gives the A0
+    of ``q.float()``. The backward is that of the fp32 path too: (q.float() @ (g + g^T)) cast to q's
+    dtype, the gradient autocast's cast would pass back."""
+
+    @staticmethod
+    def forward(ctx, q):
+        ctx.save_for_backward(q)
+        B, H, S, dk = q.shape
+        rows = q.reshape(B * H, S, dk)
+        return torch.bmm(rows.transpose(1, 2), rows, out_dtype=torch.float32).view(B, H, dk, dk)
+
+    @staticmethod
+    def backward(ctx, g):
+        (q,) = ctx.saved_tensors
+        return torch.matmul(q.to(g.dtype), g + g.transpose(-1, -2)).to(q.dtype)
+
+
+def _fused_stack(attn: PLGAttention, A: torch.Tensor) -> torch.Tensor:
+    """LN_A and the residual units on A0 (the Triton kernels where they apply)."""
     if _use_triton(attn, A):
         return glu_stack.glu_stack(attn, A, attn.metric_precision)
     ln = attn.layernorm1
@@ -82,6 +106,11 @@ class FusedPLGAttention(PLGAttention):
 
     metric_kernel: str
     metric_precision: str
+
+    def metric_A_of(self, q: torch.Tensor) -> torch.Tensor:
+        if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):  # under autocast
+            return _fused_stack(self, _Gram.apply(q))
+        return super().metric_A_of(q)
 
     def metric_A(self, q: torch.Tensor) -> torch.Tensor:
         return fused_metric_A(self, q)
