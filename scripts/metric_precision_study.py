@@ -1,11 +1,14 @@
-"""Can the metric path's matmuls run in TF32? A CPU study that emulates TF32 against a float64 model.
+"""Can the metric path's matmuls run in TF32 (its GLUs' in bf16)? A CPU emulation against float64.
 
 The metric path (A0 = q^T q -> LN_A -> residual GLU units -> A_LM -> A_P -> G_LM) runs in fp32, even
 under bf16 autocast. This script asks what TF32 tensor cores would do to it, without a GPU: TF32 is
 emulated by rounding every operand of the metric path's matmuls to TF32 (10 explicit mantissa bits,
 round to nearest, ties away from zero) and multiplying in fp32, in the forward pass and in both
 matmuls of each backward. TF32x3 (the "3xTF32" trick: a = hi + lo with both parts in TF32,
-a @ b ~ hi_a @ hi_b + hi_a @ lo_b + lo_a @ hi_b) is emulated the same way.
+a @ b ~ hi_a @ hi_b + hi_a @ lo_b + lo_a @ hi_b) is emulated the same way, and so is "bf16": each
+operand rounded to bfloat16 (7 explicit mantissa bits, round to nearest even), products and sums in
+fp32. That is what the Triton GLU-stack kernels do with bf16 operands, so bf16 is only offered for
+the ``glu`` placement; biases, LayerNorms and the residual adds stay fp32 in every mode.
 
 The emulation replaces the fused metric path of ``pldr_core.kernels`` (``enable_fused(model,
 kernel="torch")``): ``FusedPLGAttention.metric_A`` and ``FusedPLGAParams.forward`` call the module
@@ -57,14 +60,20 @@ from pldr_core.attention import EPS_ADJ
 from pldr_core.config import preset
 from pldr_core.init import build_model
 
-MODES = ("fp32", "tf32", "tf32x3")
+MODES = ("fp32", "tf32", "tf32x3", "bf16")
+GLU_ONLY_MODES = ("bf16",)  # modes the ``glu`` placement takes but ``chain`` and ``a0`` do not
 
 
-# ---- TF32 emulation --------------------------------------------------------------------------------
+# ---- TF32 / bf16 emulation -------------------------------------------------------------------------
 def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
     """fp32 ``x`` rounded to TF32 (10 mantissa bits; nearest, ties away from zero), as fp32."""
     bits = x.float().contiguous().view(torch.int32)
     return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` rounded to bfloat16 (7 mantissa bits; nearest, ties to even), as fp32."""
+    return x.float().to(torch.bfloat16).to(torch.float32)
 
 
 def _split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +88,8 @@ def _product(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
         a_hi, a_lo = _split_tf32(a)
         b_hi, b_lo = _split_tf32(b)
         return torch.matmul(a_hi, b_hi) + (torch.matmul(a_hi, b_lo) + torch.matmul(a_lo, b_hi))
+    if mode == "bf16":  # products of bf16 values are exact in fp32; the sums are fp32
+        return torch.matmul(round_to_bf16(a), round_to_bf16(b))
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
@@ -104,7 +115,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, mode: str = "fp32") -> torch.Tensor
     if mode == "fp32":
         return torch.matmul(a, b)
     if a.dtype != torch.float32 or b.dtype != torch.float32:
-        raise TypeError(f"TF32 emulation needs fp32 operands, got {a.dtype} and {b.dtype}")
+        raise TypeError(f"{mode} emulation needs fp32 operands, got {a.dtype} and {b.dtype}")
     return _EmulatedMatmul.apply(a, b, mode)
 
 
@@ -119,19 +130,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mode: str 
 # ---- the metric path with emulated matmuls ---------------------------------------------------------
 @dataclass(frozen=True)
 class MetricPrecision:
-    """Matmul precision per part of the metric path: "fp32", "tf32" or "tf32x3"."""
+    """Matmul precision per part of the metric path: "fp32", "tf32" or "tf32x3"; ``glu`` also "bf16"."""
 
     glu: str = "fp32"    # the GLUs of the LN_A residual units (the Triton GLU-stack kernels on CUDA)
     chain: str = "fp32"  # W @ A and alpha @ A_P (PLGAParams)
     a0: str = "fp32"     # A0 = q^T q
 
     def __post_init__(self):
-        for part in (self.glu, self.chain, self.a0):
-            if part not in MODES:
-                raise ValueError(f"precision must be one of {MODES}, got {part!r}")
+        if self.glu not in MODES:
+            raise ValueError(f"glu precision must be one of {MODES}, got {self.glu!r}")
+        chain_modes = tuple(m for m in MODES if m not in GLU_ONLY_MODES)
+        for part in (self.chain, self.a0):
+            if part not in chain_modes:
+                raise ValueError(f"chain/a0 precision must be one of {chain_modes}, got {part!r}")
 
     @classmethod
     def everywhere(cls, mode: str) -> "MetricPrecision":
+        """``mode`` in all three placements (so not "bf16", which is for the GLUs only)."""
         return cls(glu=mode, chain=mode, a0=mode)
 
 
@@ -201,13 +216,16 @@ class Setting:
 
 
 TF32 = MetricPrecision.everywhere("tf32")
+BF16_GLU = MetricPrecision(glu="bf16")
 GRADIENT_SETTINGS = (
     Setting("fp32"),
     Setting("TF32 everywhere in metric path", metric=TF32),
     Setting("TF32 GLU only", metric=MetricPrecision(glu="tf32")),
     Setting("TF32x3 GLU", metric=MetricPrecision(glu="tf32x3")),
+    Setting("bf16 GLU only", metric=BF16_GLU),
     Setting("bf16 autocast + fp32 metric", autocast=True),
     Setting("bf16 autocast + TF32 metric", autocast=True, metric=TF32),
+    Setting("bf16 autocast + bf16 GLU", autocast=True, metric=BF16_GLU),
 )
 
 _METRIC_PARAM = re.compile(r"\.mha1\.(layernorm1|reslayerAs|plgatt_layer)\.")
@@ -306,6 +324,7 @@ TRAINING_RUNS = (
     Run("bf16 autocast + fp32 metric", torch.float32, autocast=True),
     Run("bf16 autocast + TF32 metric", torch.float32, autocast=True, metric=TF32),
     Run("bf16 autocast + TF32 GLU only", torch.float32, autocast=True, metric=MetricPrecision(glu="tf32")),
+    Run("bf16 autocast + bf16 GLU", torch.float32, autocast=True, metric=BF16_GLU),
 )
 
 
