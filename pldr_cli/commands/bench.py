@@ -43,8 +43,8 @@ def bench(
                                      "default, reduce-overhead (CUDA graphs; the default on CUDA), max-autotune-no-cudagraphs."),
     metric_precision: str = typer.Option("tf32", "--metric-precision",
                                          help="Learned-G training on CUDA: the metric path's matmuls in "
-                                         "tf32 (default, as pldr pretrain; trains like fp32 under bf16 "
-                                         "autocast) or fp32."),
+                                         "tf32 (default, as pldr pretrain), bf16 (GLU operands in bf16; "
+                                         "the fastest) or fp32. All train like fp32 under bf16 autocast."),
     decode_batch: int = typer.Option(None, "--decode-batch", help="The larger decode batch (16 GPU, 4 CPU)."),
     prompt_len: int = typer.Option(None, "--prompt-len", help="Random prompt tokens (32 GPU, 8 CPU)."),
     new_tokens: int = typer.Option(None, "--new-tokens", help="Greedy new tokens (256 GPU, 16 CPU)."),

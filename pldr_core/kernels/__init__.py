@@ -176,17 +176,26 @@ def prepare_metric_path(model, device=None, *, metric_precision: str = DEFAULT_M
     """Put ``model``'s learned-G layers on the fused metric path for training; returns how many.
 
     On CUDA the residual GLU stack runs as the Triton kernels with ``metric_precision`` matmuls: "tf32"
-    (default), "bf16" (operands rounded to bf16 as autocast would, fp32 accumulation; the fastest) or
-    "fp32". With "tf32" or "bf16" the torch matmuls of the metric path (A0 = q^T q, W @ A,
-    alpha @ A_P) go to TF32: this sets the process-wide ``torch.backends.cuda.matmul.allow_tf32``
-    (under bf16 autocast the metric path's matmuls are the only fp32 ones). On CPU the fused torch
-    formulation is used (same maths, fp32/fp64).
+    (default), "bf16" (every GLU matmul operand rounded to bf16, as autocast does to a Linear, with fp32
+    accumulation and fp32 LayerNorms, residual adds and gradients; the fastest) or "fp32". With "tf32"
+    or "bf16" the torch matmuls of the metric path (W @ A, alpha @ A_P) go to TF32: this sets the
+    process-wide ``torch.backends.cuda.matmul.allow_tf32`` (under bf16 autocast the metric path's
+    matmuls are the only fp32 ones). Under autocast A0 = q^T q reads the bf16 q directly with fp32
+    accumulation, which is exact (``_Gram``). On CPU the fused torch formulation is used (same maths,
+    fp32/fp64).
 
-    Why TF32 is the default: under bf16 autocast (SPEC's training setting) the gradients already differ
-    from float64's by O(1) norm-wise with an fp32 metric path (1.43 for the metric path's, 0.89 for the
-    rest; small preset), and TF32 in the metric path does not add to that (1.29, 0.75). 300 steps of
-    the small preset end at val loss 6.4746 with TF32 against 6.4780 with fp32 and 6.4779 in float64
-    (``scripts/metric_precision_study.py``: CPU, TF32 emulated; ``tests/test_metric_precision.py``).
+    Fidelity: under bf16 autocast (SPEC's training setting) the gradients already differ from
+    float64's by O(1) norm-wise with an fp32 metric path, and the GLU operand precision does not add to
+    that. Small preset, medians over 16 seeds, metric path / rest: fp32 metric path 1.45 / 0.86, TF32
+    1.41 / 0.85, bf16 GLU operands 1.34 / 0.84 (plain fp32 without autocast: 1.6e-3 / 1.0e-3). 300
+    steps of the small preset end at val loss 6.4778 with bf16 GLU operands, 6.4746 with TF32, 6.4780
+    with fp32 and 6.4779 in float64 (``scripts/metric_precision_study.py``: CPU, roundings emulated;
+    ``tests/test_metric_precision.py``).
+
+    Speed, H200, paper shape: the bf16 kernels are 1.3-1.8x faster than the TF32 ones and ``pldr
+    bench`` trains learned-G at 0.814x identity-G with them (TF32: 0.734x, measured before ``_Gram``). TF32 stays the default
+    because ``pldr pretrain`` with bf16 was not steady from run to run (400k-600k tokens/s against a
+    steady 560k with TF32; unexplained, see README).
     """
     check_metric_precision(metric_precision)
     device = torch.device(device) if device is not None else next(model.parameters()).device
