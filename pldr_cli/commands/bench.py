@@ -92,7 +92,8 @@ def _render(result: dict) -> None:
     if "decode" in result:
         d = result["decode"]
         c.print(f"decode: prompt {d['prompt_len']} + {d['new_tokens']} new tokens, greedy, {d['dtype']}, "
-                f"engine compiled {d['compile']} (tokens/s)")
+                f"engine compiled {d['compile']} (tokens/s; engine: median of {d['engine_repeats']} "
+                f"interleaved runs)")
         for B in d["batches"]:
             row = d[f"batch_{B}"]
             for kind in ("eager", "engine"):
