@@ -215,8 +215,11 @@ class Setting:
     metric: MetricPrecision | None = None  # None: the real fp32 metric path
 
 
-TF32 = MetricPrecision.everywhere("tf32")
+TF32 = MetricPrecision.everywhere("tf32")  # what ``--metric-precision tf32`` runs on CUDA
 BF16_GLU = MetricPrecision(glu="bf16")
+# What ``--metric-precision bf16`` runs on CUDA: bf16 GLUs, and TF32 for W @ A, alpha @ A_P and the
+# backward of q^T q (the forward of q^T q reads bf16 q values, which TF32 holds exactly).
+BF16 = MetricPrecision(glu="bf16", chain="tf32", a0="tf32")
 GRADIENT_SETTINGS = (
     Setting("fp32"),
     Setting("TF32 everywhere in metric path", metric=TF32),
@@ -226,6 +229,7 @@ GRADIENT_SETTINGS = (
     Setting("bf16 autocast + fp32 metric", autocast=True),
     Setting("bf16 autocast + TF32 metric", autocast=True, metric=TF32),
     Setting("bf16 autocast + bf16 GLU", autocast=True, metric=BF16_GLU),
+    Setting("bf16 autocast + bf16 metric", autocast=True, metric=BF16),
 )
 
 _METRIC_PARAM = re.compile(r"\.mha1\.(layernorm1|reslayerAs|plgatt_layer)\.")
@@ -325,6 +329,7 @@ TRAINING_RUNS = (
     Run("bf16 autocast + TF32 metric", torch.float32, autocast=True, metric=TF32),
     Run("bf16 autocast + TF32 GLU only", torch.float32, autocast=True, metric=MetricPrecision(glu="tf32")),
     Run("bf16 autocast + bf16 GLU", torch.float32, autocast=True, metric=BF16_GLU),
+    Run("bf16 autocast + bf16 metric", torch.float32, autocast=True, metric=BF16),
 )
 
 

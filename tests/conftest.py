@@ -16,6 +16,19 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("PLDR_GOLDEN", REPO.parent / "shared" / "golden" / "reference-tiny"))
 
 
+def load_script(name: str):
+    """scripts/NAME.py as a module (imported once), so tests use the scripts' own code."""
+    import importlib.util
+    import sys
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     assert (GOLDEN / "expected.safetensors").is_file(), (

@@ -7,7 +7,8 @@ the same autocast model with an fp32 metric path, while both are far above the e
 (so the comparison means something) and TF32 alone is far above it too (so the emulation is on).
 
 The same holds for bf16 operands in the GLUs of the LN_A residual units (what the Triton GLU-stack
-kernels do with bf16 matmuls): under bf16 autocast the median error is at most about twice that of
+kernels do with bf16 matmuls; ``study.BF16`` adds the TF32 chain that ``--metric-precision bf16``
+also runs): under bf16 autocast the median error is at most about twice that of
 the fp32 metric path, and bf16 GLUs alone are far above plain fp32 (the emulation is on). Those
 gradient errors are saturated under autocast, so they cannot tell bf16 from much coarser roundings;
 the forward error of the metric tensor A can, and pins bf16 GLUs to within about 1.5x the fp32
@@ -21,30 +22,18 @@ over several seeds, not about one sample.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import statistics
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import load_script
 import pldr_core.kernels as K
 from pldr_core.config import preset
 from pldr_core.init import build_model
 
 
-def _load_study():
-    name = "metric_precision_study"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the file executes
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-study = _load_study()
+study = load_script("metric_precision_study")
 
 
 @pytest.fixture(autouse=True)
@@ -180,7 +169,7 @@ def test_bf16_glus_do_not_worsen_bf16_autocast_gradients():
         "fp32": study.Setting("fp32"),
         "bf16_glu": study.Setting("bf16_glu", metric=study.BF16_GLU),
         "autocast": study.Setting("autocast", autocast=True),
-        "autocast_bf16_glu": study.Setting("autocast_bf16_glu", autocast=True, metric=study.BF16_GLU),
+        "autocast_bf16_glu": study.Setting("autocast_bf16_glu", autocast=True, metric=study.BF16),
     }
     errors = {k: {"metric": [], "other": []} for k in settings}
     for seed in SEEDS:
@@ -225,7 +214,7 @@ def test_bf16_glus_barely_change_the_metric_tensor_under_autocast():
         "fp32": study.Setting("fp32"),
         "bf16_glu": study.Setting("bf16_glu", metric=study.BF16_GLU),
         "autocast": study.Setting("autocast", autocast=True),
-        "autocast_bf16_glu": study.Setting("autocast_bf16_glu", autocast=True, metric=study.BF16_GLU),
+        "autocast_bf16_glu": study.Setting("autocast_bf16_glu", autocast=True, metric=study.BF16),
     }
     errors = {k: [] for k in settings}  # [seed][layer]
     for seed in SEEDS:

@@ -78,6 +78,13 @@ def block_f(precision: str) -> int:
     return max(t["BF"] for t in tuning(precision).values())
 
 
+def _check_width(fp: int, precision: str) -> None:
+    """The kernels step through the hidden size in chunks: a remainder would be skipped silently."""
+    if fp % block_f(precision):
+        raise ValueError(f"the GLU hidden size {fp} must be padded to a multiple of {block_f(precision)} "
+                         f"for precision {precision!r} (pack(..., block_f(precision)))")
+
+
 def _operand(w: torch.Tensor, precision: str) -> torch.Tensor:
     """A weight as the kernels read it: a bf16 copy for "bf16" (the gradients stay fp32)."""
     return w.to(torch.bfloat16) if precision == "bf16" else w
@@ -106,6 +113,7 @@ def _glu_stack_fwd(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torc
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, d = x.shape
     uj, fp = w1.shape[0], w1.shape[2]
+    _check_width(fp, precision)
     units = uj // glus_per_unit
     y = torch.empty_like(x)
     hs = torch.empty(uj, n, d, dtype=_hs_dtype(x, precision), device=x.device)
@@ -127,6 +135,7 @@ def _hs_dtype(x: torch.Tensor, precision: str) -> torch.dtype:
 def _(x, w1, w2, b1, b2, w3, b3, lnw, lnb, eps, glus_per_unit, precision):
     n, d = x.shape
     uj = w1.shape[0]
+    _check_width(w1.shape[2], precision)
     return (x.new_empty(n, d), x.new_empty(uj, n, d, dtype=_hs_dtype(x, precision)),
             x.new_empty(uj // glus_per_unit, n, d))
 
@@ -138,6 +147,7 @@ def _glu_stack_bwd(dy: torch.Tensor, x: torch.Tensor, hs: torch.Tensor, ys: torc
                    ) -> list[torch.Tensor]:
     n, d = x.shape
     uj, fp = w1.shape[0], w1.shape[2]
+    _check_width(fp, precision)
     units = uj // glus_per_unit
     wk1, wk2, wk3 = (_operand(w, precision) for w in (w1, w2, w3))
     bwd_data, bm, bf, opts = _kernel("bwd_data", x.device, n, precision)
@@ -171,6 +181,7 @@ def _glu_stack_bwd(dy: torch.Tensor, x: torch.Tensor, hs: torch.Tensor, ys: torc
 
 @_glu_stack_bwd.register_fake
 def _(dy, x, hs, ys, w1, w2, b1, b2, w3, lnw, eps, glus_per_unit, precision):
+    _check_width(w1.shape[2], precision)
     units = ys.shape[0]
     return [torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2), torch.empty_like(b1),
             torch.empty_like(b2), torch.empty_like(w3), x.new_empty(w1.shape[0], x.shape[1]),
@@ -213,7 +224,7 @@ def _padded(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, spec)
 
 
-def pack(layernorm1, units, multiple: int = 32) -> tuple[list[torch.Tensor], float, int]:
+def pack(layernorm1, units, multiple: int) -> tuple[list[torch.Tensor], float, int]:
     """The metric path's LN_A and residual units as the kernels' tensors (differentiable views).
 
     Returns ([w1, w2, b1, b2, w3, b3, lnw, lnb], eps, glus_per_unit) with w1, w2: [U*J, dk, FP] (input
