@@ -43,7 +43,9 @@ import torch
 # - bf16 operands (half the shared-memory bytes, bf16 tensor cores): forward 152 us with 64-wide
 #   chunks (177 with 32), backward for the data 237 (250), backward for the weights 367 us at 64 rows,
 #   32-wide chunks and 1 stage (406 with 2 stages, 580 with 64-wide chunks). The saved GLU inputs are
-#   stored in bf16 too (the backward only multiplies by them): 171/248/382 us against 177/250/406.
+#   stored in bf16 too (the backward only multiplies by them): 171/248/382 us against 177/250/406
+#   (32-wide chunks, 2 stages for the weights). The combination below was timed only as a whole, in
+#   ``pldr bench`` (learned-G 0.791x identity-G, against 0.734x with TF32).
 TUNING = {
     "tf32": {
         "fwd": {"BM": 64, "BF": 32, "num_warps": 4, "num_stages": 1},
