@@ -251,8 +251,9 @@ def bench_decode(config: PLDRConfig, dev: torch.device, *, batches: list[int], p
             toks = {}
             for _ in range(repeats):
                 for name, eng in built.items():
-                    runs[name].append(_timed(dev, lambda: toks.__setitem__(name, eng.generate(
-                        prompt, new_tokens)), new_tokens, B))
+                    def run(name=name, eng=eng):
+                        toks[name] = eng.generate(prompt, new_tokens)
+                    runs[name].append(_timed(dev, run, new_tokens, B))
             reference = None
             for name, (model, _) in engines.items():
                 speeds = sorted(r["tokens_per_s"] for r in runs[name])

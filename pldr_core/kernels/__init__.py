@@ -188,15 +188,14 @@ def prepare_metric_path(model, device=None, *, metric_precision: str = DEFAULT_M
     float64's by O(1) norm-wise with an fp32 metric path, and the GLU operand precision does not add to
     that. Small preset, medians over 16 seeds, metric path / rest: fp32 metric path 1.45 / 0.86, TF32
     1.41 / 0.85, bf16 (bf16 GLU operands, the rest TF32, as run here) 1.46 / 0.85 (plain fp32 without
-    autocast: 1.6e-3 / 1.0e-3). 300
-    steps of the small preset end at val loss 6.4807 with bf16 as run, 6.4746 with TF32, 6.4780
-    with fp32 and 6.4779 in float64 (``scripts/metric_precision_study.py``: CPU, roundings emulated;
-    ``tests/test_metric_precision.py``).
+    autocast: 1.6e-3 / 1.0e-3). 300 steps of the small preset end at val loss 6.4807 with bf16 as run,
+    6.4746 with TF32, 6.4780 with fp32 and 6.4779 in float64 (``scripts/metric_precision_study.py``:
+    CPU, roundings emulated; ``tests/test_metric_precision.py``).
 
     Speed, H200, paper shape: the bf16 kernels are 1.3-1.8x faster than the TF32 ones and ``pldr
-    bench`` trains learned-G at 0.814x identity-G with them (TF32: 0.734x, measured before ``_Gram``). TF32 stays the default
-    because ``pldr pretrain`` with bf16 was not steady from run to run (400k-600k tokens/s against a
-    steady 560k with TF32; unexplained, see README).
+    bench`` trains learned-G at 0.814x identity-G with them (TF32: 0.734x, measured before ``_Gram``).
+    TF32 stays the default because ``pldr pretrain`` with bf16 was not steady from run to run
+    (400k-600k tokens/s against a steady 560k with TF32; unexplained, see README).
     """
     check_metric_precision(metric_precision)
     device = torch.device(device) if device is not None else next(model.parameters()).device
