@@ -54,6 +54,15 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
 
 
+def test_optimizer_is_fused_on_one_gpu_and_foreach_across_ranks():
+    from pldr_core.parallel import Dist
+    from pldr_core.train import _optimizer_impl
+
+    assert _optimizer_impl(Dist(device=torch.device("cuda", 0))) == {"fused": True}
+    assert _optimizer_impl(Dist(world=2, device=torch.device("cuda", 0))) == {"foreach": True}
+    assert _optimizer_impl(Dist()) == {}
+
+
 def test_pretrain_learns_and_writes_run(tmp_path, tok_dir):
     run = tmp_path / "run"
     r = _run("pretrain", "--data", tok_dir, "--out", run, "--steps", 30, "--batch-size", 8, "--seq-len", 32,
