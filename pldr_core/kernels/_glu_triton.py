@@ -69,15 +69,19 @@ def _op(a, PREC: tl.constexpr):
 
 
 @triton.jit
+def _in_tiles(W1, W2, B1, B2, uj, c, cols, fcols, D: tl.constexpr, FP: tl.constexpr, BF: tl.constexpr):
+    """Chunk c of GLU uj's input projections: the W1, W2 tiles [D, BF] and the b1, b2 chunks."""
+    w_off = uj * D * FP + cols[:, None] * FP + c * BF + fcols[None, :]
+    b_off = uj * FP + c * BF + fcols
+    return tl.load(W1 + w_off), tl.load(W2 + w_off), tl.load(B1 + b_off), tl.load(B2 + b_off)
+
+
+@triton.jit
 def _hidden(h, W1, W2, B1, B2, uj, c, cols, fcols, D: tl.constexpr, FP: tl.constexpr,
             BF: tl.constexpr, PREC: tl.constexpr):
     """Chunk c of the GLU's two input projections: a = h W1 + b1, b = h W2 + b2, and the tiles."""
-    w_off = uj * D * FP + cols[:, None] * FP + c * BF + fcols[None, :]
-    w1 = tl.load(W1 + w_off)
-    w2 = tl.load(W2 + w_off)
-    a = _mm(h, w1, PREC) + tl.load(B1 + uj * FP + c * BF + fcols)[None, :]
-    b = _mm(h, w2, PREC) + tl.load(B2 + uj * FP + c * BF + fcols)[None, :]
-    return a, b, w1, w2
+    w1, w2, b1, b2 = _in_tiles(W1, W2, B1, B2, uj, c, cols, fcols, D, FP, BF)
+    return _mm(h, w1, PREC) + b1[None, :], _mm(h, w2, PREC) + b2[None, :], w1, w2
 
 
 @triton.jit
@@ -156,7 +160,9 @@ def _bwd_weights(HS, DG, W1, W2, B1, B2, W3, DW1, DW2, DB1, DB2, DW3, DB3, N, ro
     UJ = tl.num_programs(0)
     cols = tl.arange(0, D)
     fcols = tl.arange(0, BF)
+    # This program's weight tiles are the same for every row block: loaded once, before the loop.
     w3t = tl.load(W3 + uj * FP * D + (c * BF + fcols[None, :]) * D + cols[:, None])
+    w1, w2, b1, b2 = _in_tiles(W1, W2, B1, B2, uj, c, cols, fcols, D, FP, BF)
     acc1 = tl.zeros([D, BF], dtype=tl.float32)
     acc2 = tl.zeros([D, BF], dtype=tl.float32)
     acc3 = tl.zeros([BF, D], dtype=tl.float32)
@@ -172,7 +178,8 @@ def _bwd_weights(HS, DG, W1, W2, B1, B2, W3, DW1, DW2, DB1, DB2, DW3, DB3, N, ro
         h = tl.load(HS + offs, mask=mask, other=0.0)
         dh = tl.load(DG + offs, mask=mask, other=0.0)  # zero rows add nothing below
         dh_op = _op(dh, PREC)
-        a, b, w1, w2 = _hidden(h, W1, W2, B1, B2, uj, c, cols, fcols, D, FP, BF, PREC)
+        a = _mm(h, w1, PREC) + b1[None, :]
+        b = _mm(h, w2, PREC) + b2[None, :]
         s = tl.sigmoid(a)
         dgate = _mm(dh_op, w3t, PREC)
         da = dgate * b * s * (1.0 + a * (1.0 - s))
@@ -193,3 +200,4 @@ def _bwd_weights(HS, DG, W1, W2, B1, B2, W3, DW1, DW2, DB1, DB2, DW3, DB3, N, ro
     tl.store(DB2 + base * FP + c * BF + fcols, sb2)
     if c == 0:
         tl.store(DB3 + base * D + cols, sb3)
+

@@ -10,7 +10,8 @@ ops that is ~40 kernels per unit on small [B, H, dk, dk] tensors; here it is thr
 - ``_bwd_data``: the same row blocks in reverse: LayerNorm backward, then each GLU backward (its hidden
   activations recomputed from the saved input), giving dA0 and the gradient at every GLU output.
 - ``_bwd_weights``: the weight gradients, a reduction over all rows: one program per (GLU, hidden chunk,
-  row split) recomputes the hidden activations and accumulates W1/W2/W3 and bias gradients.
+  row split) recomputes the hidden activations and accumulates W1/W2/W3 and bias gradients. The
+  per-split partial sums are added up outside the op (by torch.compile's own kernels when compiled).
 
 The hidden size is padded to a multiple of the chunk width with zero weights, which adds nothing to the
 result (silu(0) * 0 = 0 and the padded rows of W3 are zero). Matmuls are fp32 (``precision="ieee"``) by
@@ -44,8 +45,9 @@ import torch
 #   chunks (177 with 32), backward for the data 237 (250), backward for the weights 367 us at 64 rows,
 #   32-wide chunks and 1 stage (406 with 2 stages, 580 with 64-wide chunks). The saved GLU inputs are
 #   stored in bf16 too (the backward only multiplies by them): 171/248/382 us against 177/250/406
-#   (32-wide chunks, 2 stages for the weights). The combination below was timed only as a whole, in
-#   ``pldr bench`` (learned-G 0.791x identity-G, against 0.734x with TF32).
+#   (32-wide chunks, 2 stages for the weights). With W1/W2 tiles loaded once per program in the
+#   weights kernel (not once per row block), scripts/tune_glu_kernels.py --precisions bf16 timed the
+#   settings below at 127 us (forward) and 575 us (both backward kernels together; 604 before).
 TUNING = {
     "tf32": {
         "fwd": {"BM": 64, "BF": 32, "num_warps": 4, "num_stages": 1},
@@ -102,8 +104,9 @@ def _kernel(name: str, device: torch.device, n: int, precision: str):
     from pldr_core.kernels import _glu_triton as k
 
     options = dict(tuning(precision)[name])
-    bm, bf = options.pop("BM"), options.pop("BF")
-    bm = bm if n >= bm else 16
+    options.pop("BM")
+    bf = options.pop("BF")
+    bm = _rows_per_program(name, n, precision)
     return getattr(k, "_" + name), bm, bf, (options if device.type == "cuda" else {})
 
 
@@ -147,6 +150,9 @@ def _glu_stack_bwd(dy: torch.Tensor, x: torch.Tensor, hs: torch.Tensor, ys: torc
                    w1: torch.Tensor, w2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor,
                    w3: torch.Tensor, lnw: torch.Tensor, eps: float, glus_per_unit: int, precision: str
                    ) -> list[torch.Tensor]:
+    """[dA0, then the gradients of w1, w2, b1, b2, w3, b3 as per-split partial sums (a leading split
+    dimension), then those of the LayerNorms' (weight, bias) as per-row-block partials [blocks, U+1, 2,
+    dk]]; ``_backward`` sums them."""
     n, d = x.shape
     uj, fp = w1.shape[0], w1.shape[2]
     _check_width(fp, precision)
@@ -161,12 +167,7 @@ def _glu_stack_bwd(dy: torch.Tensor, x: torch.Tensor, hs: torch.Tensor, ys: torc
                          U=units, J=glus_per_unit, D=d, FP=fp, BF=bf, BM=bm, PREC=precision,
                          **opts)
     bwd_weights, bm, bf, opts = _kernel("bwd_weights", x.device, n, precision)
-    nblocks = (n + bm - 1) // bm
-    # Enough row splits for about 8 programs per SM (fewer left the GPU half idle) without large
-    # partial buffers.
-    splits = max(1, min(16, (8 * _sm_count(x.device)) // (uj * (fp // bf)), nblocks))
-    rows_per_split = -(-nblocks // splits) * bm
-    splits = -(-n // rows_per_split)
+    splits, rows_per_split = _row_splits(n, uj, fp, x.device, precision)
     dw1 = torch.empty(splits, *w1.shape, dtype=x.dtype, device=x.device)
     dw2 = torch.empty_like(dw1)
     dw3 = torch.empty(splits, *w3.shape, dtype=x.dtype, device=x.device)
@@ -176,18 +177,33 @@ def _glu_stack_bwd(dy: torch.Tensor, x: torch.Tensor, hs: torch.Tensor, ys: torc
     bwd_weights[(uj, fp // bf, splits)](hs, dgout, wk1, wk2, b1, b2, wk3, dw1, dw2, db1, db2, dw3, db3,
                                        n, rows_per_split, D=d, FP=fp, BF=bf, BM=bm, PREC=precision,
                                        **opts)
-    dln = dln.sum(0)
-    return [dx, dw1.sum(0), dw2.sum(0), db1.sum(0), db2.sum(0), dw3.sum(0), db3.sum(0),
-            dln[:, 0].contiguous(), dln[:, 1].contiguous()]
+    return [dx, dw1, dw2, db1, db2, dw3, db3, dln]
+
+
+def _rows_per_program(name: str, n: int, precision: str) -> int:
+    bm = tuning(precision)[name]["BM"]
+    return bm if n >= bm else 16
+
+
+def _row_splits(n: int, uj: int, fp: int, device: torch.device, precision: str) -> tuple[int, int]:
+    """(row splits, rows per split) of the weight-gradient kernel: enough splits for about 8 programs
+    per SM (fewer left the GPU half idle) without large partial buffers."""
+    bm, bf = _rows_per_program("bwd_weights", n, precision), tuning(precision)["bwd_weights"]["BF"]
+    nblocks = -(-n // bm)
+    splits = max(1, min(16, (8 * _sm_count(device)) // (uj * (fp // bf)), nblocks))
+    rows_per_split = -(-nblocks // splits) * bm
+    return -(-n // rows_per_split), rows_per_split
 
 
 @_glu_stack_bwd.register_fake
 def _(dy, x, hs, ys, w1, w2, b1, b2, w3, lnw, eps, glus_per_unit, precision):
     _check_width(w1.shape[2], precision)
-    units = ys.shape[0]
-    return [torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2), torch.empty_like(b1),
-            torch.empty_like(b2), torch.empty_like(w3), x.new_empty(w1.shape[0], x.shape[1]),
-            x.new_empty(units + 1, x.shape[1]), x.new_empty(units + 1, x.shape[1])]
+    n, d = x.shape
+    uj, units = w1.shape[0], ys.shape[0]
+    splits, _ = _row_splits(n, uj, w1.shape[2], x.device, precision)
+    nblocks = -(-n // _rows_per_program("bwd_data", n, precision))
+    return [torch.empty_like(x), *(x.new_empty(splits, *w.shape) for w in (w1, w2, b1, b2, w3)),
+            x.new_empty(splits, uj, d), x.new_empty(nblocks, units + 1, 2, d)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -199,8 +215,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dhs, dys):
     x, hs, ys, w1, w2, b1, b2, w3, lnw = ctx.saved_tensors
-    grads = _glu_stack_bwd(dy, x, hs, ys, w1, w2, b1, b2, w3, lnw, *ctx.args)
-    return (*grads, None, None, None)
+    dx, *parts, dln = _glu_stack_bwd(dy, x, hs, ys, w1, w2, b1, b2, w3, lnw, *ctx.args)
+    # The per-split partial sums are reduced here, outside the op, so that under torch.compile the
+    # reduction fuses with the unpacking into each parameter's layout (pack's backward).
+    dln = dln.sum(0)
+    return (dx, *(p.sum(0) for p in parts), dln[:, 0], dln[:, 1], None, None, None)
 
 
 _glu_stack_fwd.register_autograd(_backward, setup_context=_setup_context)
