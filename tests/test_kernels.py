@@ -234,7 +234,7 @@ def test_triton_kernels_compile_for_hopper_within_shared_memory():
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     shared = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(shared) == 9
+    assert len(shared) == 10
     hopper_max = 227 * 1024  # opt-in shared memory per block on H100/H200
     assert all(0 < v <= hopper_max for v in shared.values()), shared
 
@@ -430,3 +430,31 @@ def test_gram_of_bf16_q_equals_the_fp32_path_on_gpu():
         torch.testing.assert_close(q.grad.float(), q_ref.grad.float(), rtol=2**-6, atol=1e-3 * scale)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def test_gram_backward_kernel_rounds_once_from_16_bit_g():
+    # dq = q (g + g^T) for bf16 q: the Triton kernel (interpreted here) splits g + g^T into bf16 hi
+    # and lo parts and rounds the fp32 sum to bf16 once. Its error against float64 is then that one
+    # rounding's; with g + g^T rounded to bf16 alone it would be ~1.4x that.
+    from pldr_core.kernels import _gram_kernel_applies
+
+    gen = torch.Generator().manual_seed(0)
+    q = (0.5 * torch.randn(2, 3, 200, 64, generator=gen)).bfloat16()
+    g = torch.randn(2, 3, 64, 64, generator=gen) * torch.rand(2, 3, 1, 64, generator=gen)
+    assert _gram_kernel_applies(q)
+    got = torch.ops.pldr.gram_backward(q, g)
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    sym = (g + g.transpose(-1, -2)).double()
+    exact = q.double() @ sym
+
+    def error(x):
+        return ((x.double() - exact).norm() / exact.norm()).item()
+
+    one_rounding = error(exact.bfloat16())
+    assert error(got) < 1.02 * one_rounding, (error(got), one_rounding)
+    assert error((q.double() @ sym.bfloat16().double()).bfloat16()) > 1.2 * one_rounding  # can tell
+    # Elementwise: the exact product rounded once, up to one bf16 ulp, plus what 16 bits of g + g^T
+    # and fp32 sums may miss (2**-15 of the summed magnitudes) where the sum nearly cancels.
+    ulp = exact.abs().bfloat16().double() * 2**-7
+    slack = (q.double().abs() @ sym.abs()) * 2**-15
+    assert ((got.double() - exact.bfloat16().double()).abs() <= ulp + slack).all()

@@ -76,7 +76,37 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (q,) = ctx.saved_tensors
+        if _gram_kernel_applies(q):
+            return torch.ops.pldr.gram_backward(q, g)
         return torch.matmul(q.to(g.dtype), g + g.transpose(-1, -2)).to(q.dtype)
+
+
+def _gram_kernel_applies(q: torch.Tensor) -> bool:
+    dk = q.shape[-1]
+    return q.dtype == torch.bfloat16 and dk >= 16 and not dk & (dk - 1) and glu_stack.available()
+
+
+_GRAM_ROWS = 128  # positions per program of the kernel below
+
+
+@torch.library.custom_op("pldr::gram_backward", mutates_args=())
+def _gram_backward(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """dq = q (g + g^T) in bf16 for bf16 q [B, H, S, dk] and fp32 g [B, H, dk, dk], as one Triton kernel.
+
+    Against the fp32 path's TF32 matmul (after an fp32 copy of q), it reads and writes bf16 only and
+    represents g + g^T to 16 significant bits instead of 11 (bf16 hi and lo parts, both products
+    accumulated in fp32); the result is rounded to bf16 once, as the fp32 path's cast does."""
+    from pldr_core.kernels import _glu_triton as k
+
+    B, H, S, dk = q.shape
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k._gram_bwd[(-(-S // _GRAM_ROWS), B * H)](q.contiguous(), g.contiguous(), dq, S, D=dk, BM=_GRAM_ROWS)
+    return dq
+
+
+@_gram_backward.register_fake
+def _(q, g):
+    return q.new_empty(q.shape)
 
 
 def _fused_stack(attn: PLGAttention, A: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The Triton kernels of ``pldr_core.kernels.glu_stack`` (see there for what each does).
+"""The Triton kernels of ``pldr_core.kernels.glu_stack`` (see there for what each does), and the
+backward of A0 = q^T q for bf16 q (``pldr_core.kernels._Gram``).
 
 Kept in their own module so that importing the library never imports Triton; under
 ``TRITON_INTERPRET=1`` (set by the test suite on machines without a GPU) ``triton.jit`` gives the
@@ -201,3 +202,22 @@ def _bwd_weights(HS, DG, W1, W2, B1, B2, W3, DW1, DW2, DB1, DB2, DW3, DB3, N, ro
     if c == 0:
         tl.store(DB3 + base * D + cols, sb3)
 
+
+@triton.jit
+def _gram_bwd(Q, G, DQ, S, D: tl.constexpr, BM: tl.constexpr):
+    """dq = q (g + g^T) for one (batch, head) and BM positions: q bf16 [S, D], g fp32 [D, D].
+
+    g + g^T is split into bf16 hi and lo parts, and both products are accumulated in fp32: 16
+    significant bits of g + g^T, more than the 11 of a TF32 matmul, at bf16 tensor-core speed."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.arange(0, D)
+    g = G + bh * D * D
+    sym = tl.load(g + cols[:, None] * D + cols[None, :]) + tl.load(g + cols[None, :] * D + cols[:, None])
+    hi = _op(sym, "bf16")
+    lo = _op(sym - hi.to(tl.float32), "bf16")
+    offs = bh * S * D + rows[:, None] * D + cols[None, :]
+    mask = rows[:, None] < S
+    q = _op(tl.load(Q + offs, mask=mask, other=0.0), "bf16")  # exact: q is bf16
+    dq = _op(_mm(q, hi, "bf16") + _mm(q, lo, "bf16"), "bf16")  # one rounding, to nearest even
+    tl.store(DQ + offs, dq, mask=mask)
