@@ -89,9 +89,9 @@ class TrainArgs:
     compile_mode: str = "graphs"
     """With compile on one CUDA process: "graphs" (default) compiles the whole model and replays it as
     CUDA graphs; "layers" compiles each decoder layer (what torchrun/FSDP2 runs always use)."""
-    metric_precision: str = "tf32"
-    """With compile on CUDA: the metric path's matmuls in "tf32" (default), with "bf16" operands
-    (faster) or in "fp32" (``pldr_core.kernels.prepare_metric_path`` says why TF32 is the default)."""
+    metric_precision: str = "bf16"
+    """With compile on CUDA: the metric path's GLU matmuls with "bf16" operands (default, the fastest),
+    in "tf32" or in "fp32" (``pldr_core.kernels.prepare_metric_path``)."""
     resume: bool = False
     eval_every: int | None = None
     """Validation every N steps (and at the start and the end); default max(1, steps // 10)."""

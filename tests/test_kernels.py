@@ -207,7 +207,17 @@ def test_glu_stack_declines_what_it_cannot_run():
 def test_prepare_metric_path_for_training():
     from pldr_core.kernels import DEFAULT_METRIC_PRECISION, is_fused, prepare_metric_path
 
-    assert DEFAULT_METRIC_PRECISION == "tf32"
+    import inspect
+
+    from pldr_cli.commands import bench, pretrain
+    from pldr_core.train import TrainArgs
+
+    # bf16 operands are the default wherever training starts (README: Metric-path precision).
+    assert DEFAULT_METRIC_PRECISION == "bf16"
+    assert TrainArgs(data="d", out="o").metric_precision == DEFAULT_METRIC_PRECISION
+    for command in (pretrain.pretrain, bench.bench):
+        option = inspect.signature(command).parameters["metric_precision"].default
+        assert option.default == DEFAULT_METRIC_PRECISION
     model = tiny_model("learned")
     assert prepare_metric_path(model, "cpu", metric_precision="fp32") == model.config.num_layers
     assert is_fused(model)

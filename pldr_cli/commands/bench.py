@@ -41,10 +41,10 @@ def bench(
                                  help="torch.compile training and the decode engine (default: on GPU)."),
     compile_mode: str = typer.Option(None, "--compile-mode", help="torch.compile mode for training: "
                                      "default, reduce-overhead (CUDA graphs; the default on CUDA), max-autotune-no-cudagraphs."),
-    metric_precision: str = typer.Option("tf32", "--metric-precision",
-                                         help="Learned-G training on CUDA: the metric path's matmuls in "
-                                         "tf32 (default, as pldr pretrain), bf16 (GLU operands in bf16; "
-                                         "the fastest) or fp32. All train like fp32 under bf16 autocast."),
+    metric_precision: str = typer.Option("bf16", "--metric-precision",
+                                         help="Learned-G training on CUDA: the metric path's GLU matmuls "
+                                         "with bf16 operands (default, as pldr pretrain; the fastest), "
+                                         "tf32 or fp32. All train like fp32 under bf16 autocast."),
     decode_batch: int = typer.Option(None, "--decode-batch", help="The larger decode batch (16 GPU, 4 CPU)."),
     prompt_len: int = typer.Option(None, "--prompt-len", help="Random prompt tokens (32 GPU, 8 CPU)."),
     new_tokens: int = typer.Option(None, "--new-tokens", help="Greedy new tokens (256 GPU, 16 CPU)."),

@@ -112,10 +112,10 @@ def pretrain(
     compile_mode: str = typer.Option("graphs", "--compile-mode",
                                      help="With --compile on one CUDA process: graphs (whole model, CUDA "
                                      "graphs; default) or layers (each decoder layer, as under torchrun)."),
-    metric_precision: str = typer.Option("tf32", "--metric-precision",
-                                         help="With --compile on CUDA: the metric path's matmuls in tf32 "
-                                         "(default), bf16 (GLU operands in bf16; faster in bench, see "
-                                         "README) or fp32. All train like fp32 under bf16 autocast."),
+    metric_precision: str = typer.Option("bf16", "--metric-precision",
+                                         help="With --compile on CUDA: the metric path's GLU matmuls with "
+                                         "bf16 operands (default; the fastest), tf32 or fp32. All train "
+                                         "like fp32 under bf16 autocast (README: Metric-path precision)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest RUN/step-* checkpoint."),
     eval_every: int = typer.Option(None, "--eval-every", help="Validation every N steps (default steps/10)."),
     eval_batches: int = typer.Option(8, "--eval-batches", help="Batches per validation."),

@@ -190,7 +190,7 @@ def is_fused(model) -> bool:
 
 
 METRIC_PRECISIONS = ("tf32", "bf16", "fp32")
-DEFAULT_METRIC_PRECISION = "tf32"
+DEFAULT_METRIC_PRECISION = "bf16"
 # --metric-precision -> the GLU-stack kernels' operand precision
 _KERNEL_PRECISION = {"tf32": "tf32", "bf16": "bf16", "fp32": "ieee"}
 
@@ -205,14 +205,15 @@ def check_metric_precision(metric_precision: str) -> None:
 def prepare_metric_path(model, device=None, *, metric_precision: str = DEFAULT_METRIC_PRECISION) -> int:
     """Put ``model``'s learned-G layers on the fused metric path for training; returns how many.
 
-    On CUDA the residual GLU stack runs as the Triton kernels with ``metric_precision`` matmuls: "tf32"
-    (default), "bf16" (every GLU matmul operand rounded to bf16, as autocast does to a Linear, with fp32
-    accumulation and fp32 LayerNorms, residual adds and gradients; the fastest) or "fp32". With "tf32"
+    On CUDA the residual GLU stack runs as the Triton kernels with ``metric_precision`` matmuls: "bf16"
+    (default: every GLU matmul operand rounded to bf16, as autocast does to a Linear, with fp32
+    accumulation and fp32 LayerNorms, residual adds and gradients; the fastest), "tf32" or "fp32". With "tf32"
     or "bf16" the torch matmuls of the metric path (W @ A, alpha @ A_P) go to TF32: this sets the
     process-wide ``torch.backends.cuda.matmul.allow_tf32`` (under bf16 autocast the metric path's
     matmuls are the only fp32 ones). Under autocast A0 = q^T q reads the bf16 q directly with fp32
-    accumulation, which is exact (``_Gram``). On CPU the fused torch formulation is used (same maths,
-    fp32/fp64).
+    accumulation, which is exact, and its backward is one Triton kernel that carries g + g^T to 16
+    significant bits (``_Gram``, ``_gram_backward``). On CPU the fused torch formulation is used (same
+    maths, fp32/fp64).
 
     Fidelity: under bf16 autocast (SPEC's training setting) the gradients already differ from
     float64's by O(1) norm-wise with an fp32 metric path, and the GLU operand precision does not add to
@@ -222,10 +223,10 @@ def prepare_metric_path(model, device=None, *, metric_precision: str = DEFAULT_M
     6.4746 with TF32, 6.4780 with fp32 and 6.4779 in float64 (``scripts/metric_precision_study.py``:
     CPU, roundings emulated; ``tests/test_metric_precision.py``).
 
-    Speed, H200, paper shape: the bf16 kernels are 1.3-1.8x faster than the TF32 ones and ``pldr
-    bench`` trains learned-G at 0.814x identity-G with them (TF32: 0.734x, measured before ``_Gram``).
-    TF32 stays the default because ``pldr pretrain`` with bf16 was not steady from run to run
-    (400k-600k tokens/s against a steady 560k with TF32; unexplained, see README).
+    Speed, H200, paper shape: the bf16 kernels are 1.3-1.8x faster than the TF32 ones; ``pldr bench``
+    trains learned-G at 0.821x identity-G with them (TF32: 0.734x) and ``pldr pretrain`` at a steady
+    639k tokens/s (4k vocabulary; TF32 ~560k-594k). bf16 runs were uneven until pretrain's AdamW was
+    made fused (``pldr_core.train._optimizer_impl``).
     """
     check_metric_precision(metric_precision)
     device = torch.device(device) if device is not None else next(model.parameters()).device
