@@ -82,8 +82,10 @@ class _Gram(torch.autograd.Function):
 
 
 def _gram_kernel_applies(q: torch.Tensor) -> bool:
+    """bf16 q with dk a power of two >= 16 (a matmul tile) and int32 offsets; Triton available."""
     dk = q.shape[-1]
-    return q.dtype == torch.bfloat16 and dk >= 16 and not dk & (dk - 1) and glu_stack.available()
+    return (q.dtype == torch.bfloat16 and dk >= 16 and not dk & (dk - 1) and q.numel() < 2**31
+            and glu_stack.available())
 
 
 _GRAM_ROWS = 128  # positions per program of the kernel below

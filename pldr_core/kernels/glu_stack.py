@@ -181,6 +181,7 @@ def _glu_stack_bwd(dy: torch.Tensor, x: torch.Tensor, hs: torch.Tensor, ys: torc
 
 
 def _rows_per_program(name: str, n: int, precision: str) -> int:
+    """Rows per program of kernel ``name`` for ``n`` rows (16 when there are fewer rows than a block)."""
     bm = tuning(precision)[name]["BM"]
     return bm if n >= bm else 16
 
