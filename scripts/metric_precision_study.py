@@ -5,7 +5,8 @@ under bf16 autocast. This script asks what TF32 tensor cores would do to it, wit
 emulated by rounding every operand of the metric path's matmuls to TF32 (10 explicit mantissa bits,
 round to nearest, ties away from zero) and multiplying in fp32, in the forward pass and in both
 matmuls of each backward. TF32x3 (the "3xTF32" trick: a = hi + lo with both parts in TF32,
-a @ b ~ hi_a @ hi_b + hi_a @ lo_b + lo_a @ hi_b) is emulated the same way, and so is "bf16": each
+a @ b ~ hi_a @ hi_b + hi_a @ lo_b + lo_a @ hi_b) is emulated the same way, as is "bf16x2" (the same
+split with bf16 parts, 16 significant bits), and so is "bf16": each
 operand rounded to bfloat16 (7 explicit mantissa bits, round to nearest even), products and sums in
 fp32. That is what the Triton GLU-stack kernels do with bf16 operands, so bf16 is only offered for
 the ``glu`` placement; biases, LayerNorms and the residual adds stay fp32 in every mode.
@@ -60,7 +61,7 @@ from pldr_core.attention import EPS_ADJ
 from pldr_core.config import preset
 from pldr_core.init import build_model
 
-MODES = ("fp32", "tf32", "tf32x3", "bf16")
+MODES = ("fp32", "tf32", "tf32x3", "bf16", "bf16x2")
 GLU_ONLY_MODES = ("bf16",)  # modes the ``glu`` placement takes but ``chain`` and ``a0`` do not
 
 
@@ -81,6 +82,11 @@ def _split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, round_to_tf32(x - hi)
 
 
+def _split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    hi = round_to_bf16(x)
+    return hi, round_to_bf16(x - hi)
+
+
 def _product(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "tf32":
         return torch.matmul(round_to_tf32(a), round_to_tf32(b))
@@ -90,6 +96,10 @@ def _product(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
         return torch.matmul(a_hi, b_hi) + (torch.matmul(a_hi, b_lo) + torch.matmul(a_lo, b_hi))
     if mode == "bf16":  # products of bf16 values are exact in fp32; the sums are fp32
         return torch.matmul(round_to_bf16(a), round_to_bf16(b))
+    if mode == "bf16x2":  # as tf32x3 with bf16 parts: 16 significant bits per operand
+        a_hi, a_lo = _split_bf16(a)
+        b_hi, b_lo = _split_bf16(b)
+        return torch.matmul(a_hi, b_hi) + (torch.matmul(a_hi, b_lo) + torch.matmul(a_lo, b_hi))
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
@@ -130,7 +140,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mode: str 
 # ---- the metric path with emulated matmuls ---------------------------------------------------------
 @dataclass(frozen=True)
 class MetricPrecision:
-    """Matmul precision per part of the metric path: "fp32", "tf32" or "tf32x3"; ``glu`` also "bf16"."""
+    """Matmul precision per part of the metric path: "fp32", "tf32", "tf32x3" or "bf16x2"; ``glu``
+    also "bf16"."""
 
     glu: str = "fp32"    # the GLUs of the LN_A residual units (the Triton GLU-stack kernels on CUDA)
     chain: str = "fp32"  # W @ A and alpha @ A_P (PLGAParams)
@@ -217,9 +228,11 @@ class Setting:
 
 TF32 = MetricPrecision.everywhere("tf32")  # what ``--metric-precision tf32`` runs on CUDA
 BF16_GLU = MetricPrecision(glu="bf16")
-# What ``--metric-precision bf16`` runs on CUDA: bf16 GLUs, and TF32 for W @ A, alpha @ A_P and the
-# backward of q^T q (the forward of q^T q reads bf16 q values, which TF32 holds exactly).
-BF16 = MetricPrecision(glu="bf16", chain="tf32", a0="tf32")
+# What ``--metric-precision bf16`` (the default) runs on CUDA: bf16 GLUs, TF32 for W @ A and
+# alpha @ A_P, and q^T q from the bf16 q (exact) with its backward q (g + g^T) from bf16 hi and lo
+# parts of g + g^T (``pldr_core.kernels._gram_backward``): "bf16x2", whose split of the bf16 q is
+# exact (no lo part), so it multiplies as the kernel does.
+BF16 = MetricPrecision(glu="bf16", chain="tf32", a0="bf16x2")
 GRADIENT_SETTINGS = (
     Setting("fp32"),
     Setting("TF32 everywhere in metric path", metric=TF32),

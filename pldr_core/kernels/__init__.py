@@ -220,10 +220,11 @@ def prepare_metric_path(model, device=None, *, metric_precision: str = DEFAULT_M
     Fidelity: under bf16 autocast (SPEC's training setting) the gradients already differ from
     float64's by O(1) norm-wise with an fp32 metric path, and the GLU operand precision does not add to
     that. Small preset, medians over 16 seeds, metric path / rest: fp32 metric path 1.45 / 0.86, TF32
-    1.41 / 0.85, bf16 (bf16 GLU operands, the rest TF32, as run here) 1.46 / 0.85 (plain fp32 without
-    autocast: 1.6e-3 / 1.0e-3). 300 steps of the small preset end at val loss 6.4807 with bf16 as run,
-    6.4746 with TF32, 6.4780 with fp32 and 6.4779 in float64 (``scripts/metric_precision_study.py``:
-    CPU, roundings emulated; ``tests/test_metric_precision.py``).
+    1.41 / 0.85, bf16 as run here (bf16 GLU operands, TF32 chain, 16-bit q^T q backward) 1.46 / 0.85
+    (plain fp32 without autocast: 1.6e-3 / 1.0e-3). 300 steps of the small preset end at val loss
+    6.4775 with bf16 as run (float64 6.4781 in that run), 6.4746 with TF32, 6.4780 with fp32 and 6.4779
+    in float64 (``scripts/metric_precision_study.py``: CPU, roundings emulated;
+    ``tests/test_metric_precision.py``).
 
     Speed, H200, paper shape: the bf16 kernels are 1.3-1.8x faster than the TF32 ones; ``pldr bench``
     trains learned-G at 0.821x identity-G with them (TF32: 0.734x) and ``pldr pretrain`` at a steady
