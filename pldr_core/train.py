@@ -345,7 +345,7 @@ def _pretrain(args: TrainArgs, d: parallel.Dist, on_log, on_event) -> TrainResul
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.95), eps=1e-5, **_optimizer_impl(d))
     if opt_state is not None:
-        parallel.load_optimizer_state(model, optimizer, opt_state, d)
+        parallel.load_optimizer_state(model, optimizer, _with_optimizer_impl(opt_state, d), d)
     params = [p for p in model.parameters() if p.requires_grad]
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
@@ -544,6 +544,13 @@ def _optimizer_impl(d: parallel.Dist) -> dict:
     if d.device.type != "cuda":
         return {}
     return {"foreach": True} if d.enabled else {"fused": True}
+
+
+def _with_optimizer_impl(state: dict, d: parallel.Dist) -> dict:
+    """An optimizer state dict whose groups ask for this run's implementation: a checkpoint's groups
+    carry the one it was saved with (a foreach run's, say), which load_state_dict would restore."""
+    impl = {"fused": None, "foreach": None, **_optimizer_impl(d)}
+    return {**state, "param_groups": [{**group, **impl} for group in state["param_groups"]]}
 
 
 @contextlib.contextmanager

@@ -63,6 +63,21 @@ def test_optimizer_is_fused_on_one_gpu_and_foreach_across_ranks():
     assert _optimizer_impl(Dist()) == {}
 
 
+def test_resume_uses_this_runs_optimizer_implementation():
+    # A foreach checkpoint (as saved before AdamW was fused) resumed on one GPU runs fused, and a
+    # fused one resumed on CPU runs torch's default there.
+    from pldr_core.parallel import Dist
+    from pldr_core.train import _with_optimizer_impl
+
+    saved = {"state": {}, "param_groups": [{"lr": 1e-3, "foreach": True, "fused": None, "params": [0]}]}
+    groups = _with_optimizer_impl(saved, Dist(device=torch.device("cuda", 0)))["param_groups"]
+    assert groups == [{"lr": 1e-3, "foreach": None, "fused": True, "params": [0]}]
+    saved["param_groups"][0].update(foreach=None, fused=True)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    opt.load_state_dict(_with_optimizer_impl(saved, Dist()))
+    assert opt.param_groups[0]["fused"] is None and opt.param_groups[0]["foreach"] is None
+
+
 def test_pretrain_learns_and_writes_run(tmp_path, tok_dir):
     run = tmp_path / "run"
     r = _run("pretrain", "--data", tok_dir, "--out", run, "--steps", 30, "--batch-size", 8, "--seq-len", 32,
