@@ -27,6 +27,7 @@ for name in ("fwd", "bwd_data", "bwd_weights"):
         out[f"{name}/{prec}"] = compiled.metadata.shared
 # The backward of A0 = q^T q for bf16 q (pldr_core.kernels._gram_backward).
 sig = {"Q": "*bf16", "G": "*fp32", "DQ": "*bf16", "S": "i32", "D": "constexpr", "BM": "constexpr"}
-src = ASTSource(fn=k._gram_bwd, signature=sig, constexprs={(4,): 64, (5,): 128})
-out["gram_bwd/bf16"] = triton.compile(src, target=GPUTarget("cuda", 90, 32)).metadata.shared
+for dk in (16, 32, 64, 128):  # the head sizes _gram_kernel_applies takes
+    src = ASTSource(fn=k._gram_bwd, signature=sig, constexprs={(4,): dk, (5,): 128})
+    out[f"gram_bwd/bf16/dk{dk}"] = triton.compile(src, target=GPUTarget("cuda", 90, 32)).metadata.shared
 print(json.dumps(out))

@@ -64,6 +64,7 @@ def _torch_stack(attn, A0):
 
 @pytest.mark.parametrize("config_name,overrides,batch", [
     ("tiny", {}, 2),  # dk 16, hidden 24 (padded to 64), 2 units of 2 GLUs
+    ("tiny", {}, 8),  # 256 rows: the weight gradients come in 4 row splits, summed outside the op
     ("small", {"num_reslayerA": 2, "num_denseA": 3}, 1),  # the paper's dk 64 and hidden 170
 ])
 def test_triton_glu_stack_matches_torch_values_and_gradients(config_name, overrides, batch):
@@ -244,7 +245,7 @@ def test_triton_kernels_compile_for_hopper_within_shared_memory():
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     shared = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(shared) == 10
+    assert len(shared) == 13
     hopper_max = 227 * 1024  # opt-in shared memory per block on H100/H200
     assert all(0 < v <= hopper_max for v in shared.values()), shared
 
@@ -415,9 +416,11 @@ def test_bf16_kernels_equal_the_emulated_bf16_stack_on_gpu():
 
 @gpu
 @needs_cuda
-def test_gram_of_bf16_q_equals_the_fp32_path_on_gpu():
+@pytest.mark.parametrize("kernel", [True, False])
+def test_gram_of_bf16_q_equals_the_fp32_path_on_gpu(kernel):
     # Under autocast the fused path forms A0 = q^T q from bf16 q directly (fp32 accumulation, fp32
-    # out): same values and the same gradient as casting q to fp32 first.
+    # out): same values and the same gradient as casting q to fp32 first, with the backward as the
+    # Triton kernel or as the fp32 matmul.
     from pldr_core.kernels import _Gram
 
     tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -427,7 +430,7 @@ def test_gram_of_bf16_q_equals_the_fp32_path_on_gpu():
         q = torch.randn(2, 3, 300, 64, device="cuda", generator=gen).bfloat16().requires_grad_(True)
         q_ref = q.detach().clone().requires_grad_(True)
         up = torch.randn(2, 3, 64, 64, device="cuda", generator=gen)
-        A = _Gram.apply(q)
+        A = _Gram.apply(q, kernel)
         qf = q_ref.float()  # one cast, as in the eager model: both uses' gradients meet in fp32
         A_ref = torch.matmul(qf.transpose(-1, -2), qf)
         assert A.dtype == torch.float32
@@ -452,6 +455,10 @@ def test_gram_backward_kernel_rounds_once_from_16_bit_g():
     q = (0.5 * torch.randn(2, 3, 200, 64, generator=gen)).bfloat16()
     g = torch.randn(2, 3, 64, 64, generator=gen) * torch.rand(2, 3, 1, 64, generator=gen)
     assert _gram_kernel_applies(q)
+    assert not _gram_kernel_applies(q.new_empty(1, 1, 4, 256))  # more shared memory than Hopper has
+    assert not _gram_kernel_applies(q.half())
+    with pytest.raises(ValueError, match="fp32 g"):
+        torch.ops.pldr.gram_backward(q, g.bfloat16())
     got = torch.ops.pldr.gram_backward(q, g)
     assert got.dtype == torch.bfloat16 and got.shape == q.shape
     sym = (g + g.transpose(-1, -2)).double()
@@ -468,3 +475,26 @@ def test_gram_backward_kernel_rounds_once_from_16_bit_g():
     ulp = exact.abs().bfloat16().double() * 2**-7
     slack = (q.double().abs() @ sym.abs()) * 2**-15
     assert ((got.double() - exact.bfloat16().double()).abs() <= ulp + slack).all()
+
+
+def test_custom_ops_fake_implementations_match_the_real_ones():
+    # torch.compile plans memory from the fake (meta) implementations: their shapes, dtypes and
+    # strides must be the real ones' (here with 4 row splits and both operand precisions).
+    from pldr_core.kernels import glu_stack
+
+    checks = ("test_schema", "test_faketensor")
+    attn = _perturbed_attention("tiny")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, attn.head_dim, generator=gen)
+    for precision in ("tf32", "bf16"):
+        tensors, eps, per_unit = glu_stack.pack(attn.layernorm1, attn.reslayerAs, glu_stack.block_f(precision))
+        tensors = [t.detach() for t in tensors]
+        fwd_args = (x, *tensors, eps, per_unit, precision)
+        torch.library.opcheck(torch.ops.pldr.glu_stack_fwd.default, fwd_args, test_utils=checks)
+        _, hs, ys = torch.ops.pldr.glu_stack_fwd(*fwd_args)
+        bwd_args = (torch.randn(x.shape, generator=gen), x, hs, ys, *tensors[:5], tensors[6], eps, per_unit,
+                    precision)
+        torch.library.opcheck(torch.ops.pldr.glu_stack_bwd.default, bwd_args, test_utils=checks)
+    q = torch.randn(2, 3, 40, 16, generator=gen).bfloat16()
+    g = torch.randn(2, 3, 16, 16, generator=gen)
+    torch.library.opcheck(torch.ops.pldr.gram_backward.default, (q, g), test_utils=checks)

@@ -13,7 +13,7 @@ attention layer's metric path for a formulation that compiles into far fewer ker
 
 The maths is the same (tests pin values and gradients against the eager path in float64).
 ``optimize_for_training(model, device)`` is what ``pldr bench`` trains with: on CUDA it enables the
-fused metric path (TF32 matmuls unless asked for fp32, see ``prepare_metric_path``) and returns
+fused metric path (bf16 GLU operands by default, see ``prepare_metric_path``) and returns
 ``torch.compile(model)``; on CPU it returns the model unchanged. ``pldr pretrain --compile`` calls
 ``prepare_metric_path``, then compiles the whole model under CUDA graphs (or each decoder layer).
 """
@@ -63,12 +63,14 @@ class _Gram(torch.autograd.Function):
     """A0 = q^T q in fp32 from a bf16/fp16 CUDA q, without an fp32 copy of q.
 
     q's values are exact in fp32, so reading them as they are and accumulating in fp32 gives the A0
-    of ``q.float()``. The backward is that of the fp32 path too: (q.float() @ (g + g^T)) cast to q's
-    dtype, the gradient autocast's cast would pass back."""
+    of ``q.float()``. The backward, dq = q (g + g^T) rounded once to q's dtype, is the fp32 path's
+    matmul, or with ``kernel`` (for bf16 q) one Triton kernel that carries g + g^T to 16 significant
+    bits (``_gram_backward``)."""
 
     @staticmethod
-    def forward(ctx, q):
+    def forward(ctx, q, kernel: bool):
         ctx.save_for_backward(q)
+        ctx.kernel = kernel
         B, H, S, dk = q.shape
         rows = q.reshape(B * H, S, dk)
         return torch.bmm(rows.transpose(1, 2), rows, out_dtype=torch.float32).view(B, H, dk, dk)
@@ -76,15 +78,16 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (q,) = ctx.saved_tensors
-        if _gram_kernel_applies(q):
-            return torch.ops.pldr.gram_backward(q, g)
-        return torch.matmul(q.to(g.dtype), g + g.transpose(-1, -2)).to(q.dtype)
+        if ctx.kernel and _gram_kernel_applies(q):
+            return torch.ops.pldr.gram_backward(q, g), None
+        return torch.matmul(q.to(g.dtype), g + g.transpose(-1, -2)).to(q.dtype), None
 
 
 def _gram_kernel_applies(q: torch.Tensor) -> bool:
-    """bf16 q with dk a power of two >= 16 (a matmul tile) and int32 offsets; Triton available."""
+    """bf16 q with dk a power of two from 16 (a matmul tile) to 128 (dk 256 needs more shared memory
+    than a Hopper block has) and int32 offsets; Triton available."""
     dk = q.shape[-1]
-    return (q.dtype == torch.bfloat16 and dk >= 16 and not dk & (dk - 1) and q.numel() < 2**31
+    return (q.dtype == torch.bfloat16 and 16 <= dk <= 128 and not dk & (dk - 1) and q.numel() < 2**31
             and glu_stack.available())
 
 
@@ -95,14 +98,17 @@ _GRAM_ROWS = 128  # positions per program of the kernel below
 def _gram_backward(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """dq = q (g + g^T) in bf16 for bf16 q [B, H, S, dk] and fp32 g [B, H, dk, dk], as one Triton kernel.
 
-    Against the fp32 path's TF32 matmul (after an fp32 copy of q), it reads and writes bf16 only and
-    represents g + g^T to 16 significant bits instead of 11 (bf16 hi and lo parts, both products
-    accumulated in fp32); the result is rounded to bf16 once, as the fp32 path's cast does."""
+    Against the torch path (an fp32 copy of q, then a TF32 matmul with ``--metric-precision tf32`` or
+    bf16), it reads and writes bf16 only and represents g + g^T to 16 significant bits instead of 11
+    (bf16 hi and lo parts, both products accumulated in fp32); the result is rounded to bf16 once, as
+    the torch path's cast does. ``--metric-precision fp32`` keeps the fp32 matmul."""
     from pldr_core.kernels import _glu_triton as k
 
+    if q.dtype != torch.bfloat16 or g.dtype != torch.float32:
+        raise ValueError(f"gram_backward takes bf16 q and fp32 g, got {q.dtype} and {g.dtype}")
     B, H, S, dk = q.shape
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k._gram_bwd[(-(-S // _GRAM_ROWS), B * H)](q.contiguous(), g.contiguous(), dq, S, D=dk, BM=_GRAM_ROWS)
+    k._gram_bwd[(B * H, -(-S // _GRAM_ROWS))](q.contiguous(), g.contiguous(), dq, S, D=dk, BM=_GRAM_ROWS)
     return dq
 
 
@@ -141,7 +147,8 @@ class FusedPLGAttention(PLGAttention):
 
     def metric_A_of(self, q: torch.Tensor) -> torch.Tensor:
         if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):  # under autocast
-            return _fused_stack(self, _Gram.apply(q))
+            kernel = self.metric_kernel != "torch" and self.metric_precision != "ieee"
+            return _fused_stack(self, _Gram.apply(q, kernel))
         return super().metric_A_of(q)
 
     def metric_A(self, q: torch.Tensor) -> torch.Tensor:

@@ -209,8 +209,8 @@ def _gram_bwd(Q, G, DQ, S, D: tl.constexpr, BM: tl.constexpr):
 
     g + g^T is split into bf16 hi and lo parts, and both products are accumulated in fp32: 16
     significant bits of g + g^T, more than the 11 of a TF32 matmul, at bf16 tensor-core speed."""
-    bh = tl.program_id(1)
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    bh = tl.program_id(0)
+    rows = tl.program_id(1) * BM + tl.arange(0, BM)
     cols = tl.arange(0, D)
     g = G + bh * D * D
     sym = tl.load(g + cols[:, None] * D + cols[None, :]) + tl.load(g + cols[None, :] * D + cols[:, None])
