@@ -226,12 +226,15 @@ class Setting:
     metric: MetricPrecision | None = None  # None: the real fp32 metric path
 
 
-TF32 = MetricPrecision.everywhere("tf32")  # what ``--metric-precision tf32`` runs on CUDA
+# TF32 everywhere: what ``--metric-precision tf32`` ran on CUDA before the q^T q backward became a
+# 16-bit kernel (see BF16); it now runs that backward more precisely than emulated here.
+TF32 = MetricPrecision.everywhere("tf32")
 BF16_GLU = MetricPrecision(glu="bf16")
 # What ``--metric-precision bf16`` (the default) runs on CUDA: bf16 GLUs, TF32 for W @ A and
 # alpha @ A_P, and q^T q from the bf16 q (exact) with its backward q (g + g^T) from bf16 hi and lo
-# parts of g + g^T (``pldr_core.kernels._gram_backward``): "bf16x2", whose split of the bf16 q is
-# exact (no lo part), so it multiplies as the kernel does.
+# parts (``pldr_core.kernels._gram_backward``): "bf16x2". Its split of the bf16 q is exact (no lo
+# part); it splits g and g^T apart (autograd's two products) where the kernel splits their sum, which
+# differs in the last of 16 bits only.
 BF16 = MetricPrecision(glu="bf16", chain="tf32", a0="bf16x2")
 GRADIENT_SETTINGS = (
     Setting("fp32"),
