@@ -150,8 +150,8 @@ def bench_train_one(config: PLDRConfig, dev: torch.device, *, batch: int, seq_le
 
 
 def bench_train(config: PLDRConfig, dev: torch.device, *, batch: int, seq_len: int, steps: int,
-                warmup: int, compile: bool, compile_mode: str | None = None, metric_precision: str = DEFAULT_METRIC_PRECISION,
-                log: Callable[[str], None] = lambda s: None) -> dict:
+                warmup: int, compile: bool, compile_mode: str | None = None,
+                metric_precision: str = DEFAULT_METRIC_PRECISION, log: Callable[[str], None] = lambda s: None) -> dict:
     # The fused Triton metric path comes with compile on CUDA; otherwise it is the eager fp32 path.
     fused = compile and dev.type == "cuda"
     out = {"batch": batch, "seq_len": seq_len, "steps": steps, "warmup": warmup, "compile": compile,

@@ -84,7 +84,8 @@ def read_gcache(path: str | Path, model=None, *, force: bool = False) -> GCache:
     if model is not None:
         check_gcache_fits(meta, model, path, force=force)
         p = next(model.parameters())
-        A, G = A.to(p.device, metric_dtype(p.dtype)), G.to(p.device, metric_dtype(p.dtype))
+        mdtype = metric_dtype(p.dtype)
+        A, G = A.to(p.device, mdtype), G.to(p.device, mdtype)
     return GCache.from_tensors(A, G, meta=meta)
 
 

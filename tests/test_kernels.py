@@ -63,7 +63,7 @@ def _torch_stack(attn, A0):
 
 
 @pytest.mark.parametrize("config_name,overrides,batch", [
-    ("tiny", {}, 2),  # dk 16, hidden 24 (padded to 64), 2 units of 2 GLUs
+    ("tiny", {}, 2),  # dk 16, hidden 24 (padded to 32 for these fp32 kernels), 2 units of 2 GLUs
     ("tiny", {}, 8),  # 256 rows: the weight gradients come in 4 row splits, summed outside the op
     ("small", {"num_reslayerA": 2, "num_denseA": 3}, 1),  # the paper's dk 64 and hidden 170
 ])
@@ -206,11 +206,10 @@ def test_glu_stack_declines_what_it_cannot_run():
 
 
 def test_prepare_metric_path_for_training():
-    from pldr_core.kernels import DEFAULT_METRIC_PRECISION, is_fused, prepare_metric_path
-
     import inspect
 
     from pldr_cli.commands import bench, pretrain
+    from pldr_core.kernels import DEFAULT_METRIC_PRECISION, is_fused, prepare_metric_path
     from pldr_core.train import TrainArgs
 
     # bf16 operands are the default wherever training starts (README: Metric-path precision).
@@ -399,7 +398,7 @@ def test_bf16_kernels_equal_the_emulated_bf16_stack_on_gpu():
     # gradients, which sum over every row, by ~5e-4 norm-wise: the claim is on median errors for
     # values and dA0 and on norm-wise ones for the weights. CPU interpreter, same shapes: 9e-9 and 1e-8,
     # weights at most 5.3e-4 against the emulation; against fp32 1.7e-4, 4.4e-4 and at least 7e-3.
-    # Written after the session's GPU time was spent: not yet run on a GPU.
+    # Passed on an H200.
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # the emulation's fp32 matmuls must be fp32
     try:

@@ -106,9 +106,9 @@ def pretrain(
     g_file: Path = typer.Option(None, "--g-file", help="G-cache file for --g-mode fixed."),
     dag: str = typer.Option(None, "--dag", help="DAG loss coefficients L1,L2,L3 for A_LM, A_P, G_LM."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the decoder layers, "
-                                 "with the fused (Triton) metric path on CUDA (default: on for a single CUDA "
-                                 "process; off on CPU and under torchrun)."),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (see "
+                                 "--compile-mode), with the fused (Triton) metric path on CUDA (default: on "
+                                 "for a single CUDA process; off on CPU and under torchrun)."),
     compile_mode: str = typer.Option("graphs", "--compile-mode",
                                      help="With --compile on one CUDA process: graphs (whole model, CUDA "
                                      "graphs; default) or layers (each decoder layer, as under torchrun)."),

@@ -216,8 +216,8 @@ def prepare_metric_path(model, device=None, *, metric_precision: str = DEFAULT_M
 
     On CUDA the residual GLU stack runs as the Triton kernels with ``metric_precision`` matmuls: "bf16"
     (default: every GLU matmul operand rounded to bf16, as autocast does to a Linear, with fp32
-    accumulation and fp32 LayerNorms, residual adds and gradients; the fastest), "tf32" or "fp32". With "tf32"
-    or "bf16" the torch matmuls of the metric path (W @ A, alpha @ A_P) go to TF32: this sets the
+    accumulation and fp32 LayerNorms, residual adds and gradients; the fastest), "tf32" or "fp32".
+    With "tf32" or "bf16" the torch matmuls of the metric path (W @ A, alpha @ A_P) go to TF32: this sets the
     process-wide ``torch.backends.cuda.matmul.allow_tf32`` (under bf16 autocast the metric path's
     matmuls are the only fp32 ones). Under autocast A0 = q^T q reads the bf16 q directly with fp32
     accumulation, which is exact, and its backward is one Triton kernel that carries g + g^T to 16
@@ -235,7 +235,7 @@ def prepare_metric_path(model, device=None, *, metric_precision: str = DEFAULT_M
 
     Speed, H200, paper shape: the bf16 kernels are 1.3-1.8x faster than the TF32 ones; ``pldr bench``
     trains learned-G at 0.821x identity-G with them (TF32: 0.734x) and ``pldr pretrain`` at a steady
-    639k tokens/s (4k vocabulary; TF32 ~560k-594k). bf16 runs were uneven until pretrain's AdamW was
+    639k tokens/s (4k vocabulary; TF32 557k-562k). bf16 runs were uneven until pretrain's AdamW was
     made fused (``pldr_core.train._optimizer_impl``).
     """
     check_metric_precision(metric_precision)
