@@ -11,13 +11,13 @@ from triton.compiler import ASTSource
 from pldr_core.kernels import _glu_triton as k
 from pldr_core.kernels.glu_stack import tuning
 
-shape = dict(U=8, J=2, D=64, FP=192)  # paper-110m: 8 units of 2 GLUs, dk 64, A_dff 170
+shape = dict(U=8, J=2, D=64, F=170, FA=176)  # paper-110m: 8 units of 2 GLUs, dk 64, A_dff 170 (176 padded)
 out = {}
 for name in ("fwd", "bwd_data", "bwd_weights"):
     fn = getattr(k, "_" + name)
     for prec in sys.argv[1:]:
         options = dict(tuning(prec)[name])
-        consts = {**{p: shape[p] for p in ("U", "J", "D", "FP") if p in fn.arg_names},
+        consts = {**{p: shape[p] for p in ("U", "J", "D", "F", "FA") if p in fn.arg_names},
                   "BM": options.pop("BM"), "BF": options.pop("BF"), "PREC": prec}
         bf16 = {"W1", "W2", "W3", "HS"} if prec == "bf16" else set()  # what glu_stack passes as bf16
         sig = {a: ("constexpr" if a in consts else "i32" if a in ("N", "rows_per_split") else

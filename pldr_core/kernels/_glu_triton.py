@@ -70,25 +70,36 @@ def _op(a, PREC: tl.constexpr):
 
 
 @triton.jit
-def _in_tiles(W1, W2, B1, B2, uj, c, cols, fcols, D: tl.constexpr, FP: tl.constexpr, BF: tl.constexpr):
-    """Chunk c of GLU uj's input projections: the W1, W2 tiles [D, BF] and the b1, b2 chunks."""
-    w_off = uj * D * FP + cols[:, None] * FP + c * BF + fcols[None, :]
-    b_off = uj * FP + c * BF + fcols
-    return tl.load(W1 + w_off), tl.load(W2 + w_off), tl.load(B1 + b_off), tl.load(B2 + b_off)
+def _in_tiles(W1, W2, B1, B2, uj, f, cols, D: tl.constexpr, F: tl.constexpr, FA: tl.constexpr):
+    """GLU uj's input projections at hidden units ``f`` (a chunk; those >= F read as zero): the
+    transposed W1, W2 tiles [D, chunk] (the weights are [U*J, FA, D], nn.Linear's layout with the
+    hidden size zero-padded to FA, a multiple of 8) and the b1, b2 chunks ([U*J, F])."""
+    w_off = uj * FA * D + f[None, :] * D + cols[:, None]
+    w_mask = f[None, :] < FA
+    b_off = uj * F + f
+    return (tl.load(W1 + w_off, mask=w_mask, other=0.0), tl.load(W2 + w_off, mask=w_mask, other=0.0),
+            tl.load(B1 + b_off, mask=f < F, other=0.0), tl.load(B2 + b_off, mask=f < F, other=0.0))
 
 
 @triton.jit
-def _hidden(h, W1, W2, B1, B2, uj, c, cols, fcols, D: tl.constexpr, FP: tl.constexpr,
-            BF: tl.constexpr, PREC: tl.constexpr):
-    """Chunk c of the GLU's two input projections: a = h W1 + b1, b = h W2 + b2, and the tiles."""
-    w1, w2, b1, b2 = _in_tiles(W1, W2, B1, B2, uj, c, cols, fcols, D, FP, BF)
+def _hidden(h, W1, W2, B1, B2, uj, f, cols, D: tl.constexpr, F: tl.constexpr, FA: tl.constexpr,
+            PREC: tl.constexpr):
+    """The GLU's two input projections at hidden units ``f``: a = h W1 + b1, b = h W2 + b2, and the
+    tiles."""
+    w1, w2, b1, b2 = _in_tiles(W1, W2, B1, B2, uj, f, cols, D, F, FA)
     return _mm(h, w1, PREC) + b1[None, :], _mm(h, w2, PREC) + b2[None, :], w1, w2
 
 
 @triton.jit
+def _out_tile(W3, uj, f, cols, D: tl.constexpr, FA: tl.constexpr):
+    """GLU uj's output projection at hidden units ``f``, transposed: [D, chunk] (W3 is [U*J, D, FA])."""
+    return tl.load(W3 + uj * D * FA + cols[:, None] * FA + f[None, :], mask=f[None, :] < FA, other=0.0)
+
+
+@triton.jit
 def _fwd(X, Y, HS, YS, W1, W2, B1, B2, W3, B3, LNW, LNB, N, eps,
-         U: tl.constexpr, J: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BF: tl.constexpr,
-         BM: tl.constexpr, PREC: tl.constexpr):
+         U: tl.constexpr, J: tl.constexpr, D: tl.constexpr, F: tl.constexpr, FA: tl.constexpr,
+         BF: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.arange(0, D)
     fcols = tl.arange(0, BF)
@@ -102,9 +113,10 @@ def _fwd(X, Y, HS, YS, W1, W2, B1, B2, W3, B3, LNW, LNB, N, eps,
             h = _op(h, PREC)  # HS is bf16 for PREC "bf16": the backward only multiplies by it
             tl.store(HS + uj * N * D + offs, h, mask=mask)
             acc = tl.zeros([BM, D], dtype=tl.float32)
-            for c in range(FP // BF):
-                a, b, w1, w2 = _hidden(h, W1, W2, B1, B2, uj, c, cols, fcols, D, FP, BF, PREC)
-                w3 = tl.load(W3 + uj * FP * D + (c * BF + fcols[:, None]) * D + cols[None, :])
+            for c in range(tl.cdiv(F, BF)):
+                f = c * BF + fcols
+                a, b, w1, w2 = _hidden(h, W1, W2, B1, B2, uj, f, cols, D, F, FA, PREC)
+                w3 = tl.trans(_out_tile(W3, uj, f, cols, D, FA))
                 acc += _mm(_op(a * tl.sigmoid(a) * b, PREC), w3, PREC)
             h = acc + tl.load(B3 + uj * D + cols)[None, :]
         y = x + h
@@ -115,8 +127,8 @@ def _fwd(X, Y, HS, YS, W1, W2, B1, B2, W3, B3, LNW, LNB, N, eps,
 
 @triton.jit
 def _bwd_data(X, DY, DX, HS, YS, DG, W1, W2, B1, B2, W3, LNW, DLN, N, eps,
-              U: tl.constexpr, J: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BF: tl.constexpr,
-              BM: tl.constexpr, PREC: tl.constexpr):
+              U: tl.constexpr, J: tl.constexpr, D: tl.constexpr, F: tl.constexpr, FA: tl.constexpr,
+              BF: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     cols = tl.arange(0, D)
@@ -136,10 +148,10 @@ def _bwd_data(X, DY, DX, HS, YS, DG, W1, W2, B1, B2, W3, LNW, DLN, N, eps,
             h = tl.load(HS + uj * N * D + offs, mask=mask, other=0.0)
             dh_op = _op(dh, PREC)
             dh_in = tl.zeros([BM, D], dtype=tl.float32)
-            for c in range(FP // BF):
-                a, b, w1, w2 = _hidden(h, W1, W2, B1, B2, uj, c, cols, fcols, D, FP, BF, PREC)
-                w3t = tl.load(W3 + uj * FP * D + (c * BF + fcols[None, :]) * D + cols[:, None])
-                dgate = _mm(dh_op, w3t, PREC)
+            for c in range(tl.cdiv(F, BF)):
+                f = c * BF + fcols
+                a, b, w1, w2 = _hidden(h, W1, W2, B1, B2, uj, f, cols, D, F, FA, PREC)
+                dgate = _mm(dh_op, _out_tile(W3, uj, f, cols, D, FA), PREC)
                 s = tl.sigmoid(a)
                 da = dgate * b * s * (1.0 + a * (1.0 - s))
                 db = dgate * a * s
@@ -153,17 +165,17 @@ def _bwd_data(X, DY, DX, HS, YS, DG, W1, W2, B1, B2, W3, LNW, DLN, N, eps,
 
 @triton.jit
 def _bwd_weights(HS, DG, W1, W2, B1, B2, W3, DW1, DW2, DB1, DB2, DW3, DB3, N, rows_per_split,
-                 D: tl.constexpr, FP: tl.constexpr, BF: tl.constexpr, BM: tl.constexpr,
-                 PREC: tl.constexpr):
+                 D: tl.constexpr, F: tl.constexpr, FA: tl.constexpr, BF: tl.constexpr,
+                 BM: tl.constexpr, PREC: tl.constexpr):
     uj = tl.program_id(0)
     c = tl.program_id(1)
     split = tl.program_id(2)
     UJ = tl.num_programs(0)
     cols = tl.arange(0, D)
-    fcols = tl.arange(0, BF)
+    f = c * BF + tl.arange(0, BF)
     # This program's weight tiles are the same for every row block: loaded once, before the loop.
-    w3t = tl.load(W3 + uj * FP * D + (c * BF + fcols[None, :]) * D + cols[:, None])
-    w1, w2, b1, b2 = _in_tiles(W1, W2, B1, B2, uj, c, cols, fcols, D, FP, BF)
+    w3t = _out_tile(W3, uj, f, cols, D, FA)
+    w1, w2, b1, b2 = _in_tiles(W1, W2, B1, B2, uj, f, cols, D, F, FA)
     acc1 = tl.zeros([D, BF], dtype=tl.float32)
     acc2 = tl.zeros([D, BF], dtype=tl.float32)
     acc3 = tl.zeros([BF, D], dtype=tl.float32)
@@ -193,12 +205,14 @@ def _bwd_weights(HS, DG, W1, W2, B1, B2, W3, DW1, DW2, DB1, DB2, DW3, DB3, N, ro
         sb2 += tl.sum(db, axis=0)
         sb3 += tl.sum(dh, axis=0)
     base = split * UJ + uj
-    w_off = base * D * FP + cols[:, None] * FP + c * BF + fcols[None, :]
-    tl.store(DW1 + w_off, acc1)
-    tl.store(DW2 + w_off, acc2)
-    tl.store(DW3 + base * FP * D + (c * BF + fcols[:, None]) * D + cols[None, :], acc3)
-    tl.store(DB1 + base * FP + c * BF + fcols, sb1)
-    tl.store(DB2 + base * FP + c * BF + fcols, sb2)
+    # Gradients in the weights' layouts: dW1, dW2 [F, D] (acc1, acc2 are their [D, chunk] transposes),
+    # dW3 [D, F] (acc3 is its [chunk, D] transpose); hidden units >= F are not written.
+    w_off = base * F * D + f[None, :] * D + cols[:, None]
+    tl.store(DW1 + w_off, acc1, mask=f[None, :] < F)
+    tl.store(DW2 + w_off, acc2, mask=f[None, :] < F)
+    tl.store(DW3 + base * D * F + cols[None, :] * F + f[:, None], acc3, mask=f[:, None] < F)
+    tl.store(DB1 + base * F + f, sb1, mask=f < F)
+    tl.store(DB2 + base * F + f, sb2, mask=f < F)
     if c == 0:
         tl.store(DB3 + base * D + cols, sb3)
 

@@ -13,8 +13,11 @@ ops that is ~40 kernels per unit on small [B, H, dk, dk] tensors; here it is thr
   row split) recomputes the hidden activations and accumulates W1/W2/W3 and bias gradients. The
   per-split partial sums are added up outside the op (by torch.compile's own kernels when compiled).
 
-The hidden size is padded to a multiple of the chunk width with zero weights, which adds nothing to the
-result (silu(0) * 0 = 0 and the padded rows of W3 are zero). Matmuls are fp32 (``precision="ieee"``) by
+The kernels read the weights in nn.Linear's own layout (stacked over the GLUs) and step through the
+hidden size in chunks; hidden units past its end read as zero weights, which add nothing (silu(0) * 0
+= 0, and their W3 columns are zero), and their gradients are not written. So every parameter's
+gradient comes out of the stack's backward as a contiguous slice in the parameter's layout, which
+autograd hands over without a copy. Matmuls are fp32 (``precision="ieee"``) by
 default; ``"tf32"`` uses TF32 tensor cores and ``"bf16"`` rounds every matmul operand to bfloat16
 (what bf16 autocast does to a Linear), accumulating in fp32, with the LayerNorms, residual adds and
 gradients in fp32 (``pldr_core.kernels.prepare_metric_path`` says what training uses and why).
@@ -30,8 +33,8 @@ import functools
 
 import torch
 
-# Per operand precision and kernel: rows per program (BM), hidden chunk width (BF; A_dff is padded to
-# a multiple of the widest), warps, software-pipelining stages (more stages need more shared memory).
+# Per operand precision and kernel: rows per program (BM), hidden chunk width (BF), warps,
+# software-pipelining stages (more stages need more shared memory).
 # Measured on an H200 at the paper-110m shape (14,336 rows, 8 units of 2 GLUs), each kernel timed
 # alone (scripts/tune_glu_kernels.py runs the same grid):
 # - TF32 (fp32 "ieee" uses the same): forward 276 us at 64 rows and 1 stage (406 with 2 stages, 387 at
@@ -77,21 +80,20 @@ def tuning(precision: str) -> dict[str, dict[str, int]]:
     return TUNING["bf16" if precision == "bf16" else "tf32"]
 
 
-def block_f(precision: str) -> int:
-    """The multiple A_dff is padded to for ``precision``: the widest hidden chunk of its kernels."""
-    return max(t["BF"] for t in tuning(precision).values())
+_ALIGN = 8  # hidden units: 16-byte rows in bf16, and whole 8-wide groups under the kernels' masks
 
 
-def _check_width(fp: int, precision: str) -> None:
-    """The kernels step through the hidden size in chunks: a remainder would be skipped silently."""
-    if fp % block_f(precision):
-        raise ValueError(f"the GLU hidden size {fp} must be padded to a multiple of {block_f(precision)} "
-                         f"for precision {precision!r} (pack(..., block_f(precision)))")
-
-
-def _operand(w: torch.Tensor, precision: str) -> torch.Tensor:
-    """A weight as the kernels read it: a bf16 copy for "bf16" (the gradients stay fp32)."""
-    return w.to(torch.bfloat16) if precision == "bf16" else w
+def _operands(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, precision: str):
+    """W1, W2 [U*J, FA, D] and W3 [U*J, D, FA] as the kernels read them: the hidden size F zero-padded
+    to FA, a multiple of 8, and bf16 copies for "bf16". Made inside the ops, so the parameters'
+    gradients keep their own layout. Unpadded (F = 170 at the paper shape), Triton split the loads
+    along the hidden size into 4-byte pieces and the fp32 weight kernel spilled registers in its loop
+    (sm_90 code read in review; not timed)."""
+    dtype = torch.bfloat16 if precision == "bf16" else w1.dtype
+    pad = -w1.shape[1] % _ALIGN
+    pad_rows = torch.nn.functional.pad
+    return (pad_rows(w1.to(dtype), (0, 0, 0, pad)), pad_rows(w2.to(dtype), (0, 0, 0, pad)),
+            pad_rows(w3.to(dtype), (0, pad)))
 
 
 def _kernel(name: str, device: torch.device, n: int, precision: str):
@@ -117,17 +119,16 @@ def _glu_stack_fwd(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torc
                    lnb: torch.Tensor, eps: float, glus_per_unit: int, precision: str
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, d = x.shape
-    uj, fp = w1.shape[0], w1.shape[2]
-    _check_width(fp, precision)
+    uj, hidden = w1.shape[0], w1.shape[1]
     units = uj // glus_per_unit
     y = torch.empty_like(x)
     hs = torch.empty(uj, n, d, dtype=_hs_dtype(x, precision), device=x.device)
     ys = torch.empty(units, n, d, dtype=x.dtype, device=x.device)
-    w1, w2, w3 = (_operand(w, precision) for w in (w1, w2, w3))
+    wk1, wk2, wk3 = _operands(w1, w2, w3, precision)
     fwd, bm, bf, opts = _kernel("fwd", x.device, n, precision)
-    fwd[((n + bm - 1) // bm,)](x, y, hs, ys, w1, w2, b1, b2, w3, b3, lnw, lnb, n, eps,
-                               U=units, J=glus_per_unit, D=d, FP=fp, BF=bf, BM=bm, PREC=precision,
-                               **opts)
+    fwd[((n + bm - 1) // bm,)](x, y, hs, ys, wk1, wk2, b1, b2, wk3, b3, lnw, lnb, n, eps,
+                               U=units, J=glus_per_unit, D=d, F=hidden, FA=wk1.shape[1], BF=bf, BM=bm,
+                               PREC=precision, **opts)
     return y, hs, ys
 
 
@@ -140,7 +141,6 @@ def _hs_dtype(x: torch.Tensor, precision: str) -> torch.dtype:
 def _(x, w1, w2, b1, b2, w3, b3, lnw, lnb, eps, glus_per_unit, precision):
     n, d = x.shape
     uj = w1.shape[0]
-    _check_width(w1.shape[2], precision)
     return (x.new_empty(n, d), x.new_empty(uj, n, d, dtype=_hs_dtype(x, precision)),
             x.new_empty(uj // glus_per_unit, n, d))
 
@@ -154,29 +154,28 @@ def _glu_stack_bwd(dy: torch.Tensor, x: torch.Tensor, hs: torch.Tensor, ys: torc
     dimension), then those of the LayerNorms' (weight, bias) as per-row-block partials [blocks, U+1, 2,
     dk]]; ``_backward`` sums them."""
     n, d = x.shape
-    uj, fp = w1.shape[0], w1.shape[2]
-    _check_width(fp, precision)
+    uj, hidden = w1.shape[0], w1.shape[1]
     units = uj // glus_per_unit
-    wk1, wk2, wk3 = (_operand(w, precision) for w in (w1, w2, w3))
+    wk1, wk2, wk3 = _operands(w1, w2, w3, precision)
     bwd_data, bm, bf, opts = _kernel("bwd_data", x.device, n, precision)
     nblocks = (n + bm - 1) // bm
     dx = torch.empty_like(x)
     dgout = torch.empty(hs.shape, dtype=x.dtype, device=x.device)
     dln = torch.empty(nblocks, units + 1, 2, d, dtype=x.dtype, device=x.device)
     bwd_data[(nblocks,)](x, dy.contiguous(), dx, hs, ys, dgout, wk1, wk2, b1, b2, wk3, lnw, dln, n, eps,
-                         U=units, J=glus_per_unit, D=d, FP=fp, BF=bf, BM=bm, PREC=precision,
-                         **opts)
+                         U=units, J=glus_per_unit, D=d, F=hidden, FA=wk1.shape[1], BF=bf, BM=bm,
+                         PREC=precision, **opts)
     bwd_weights, bm, bf, opts = _kernel("bwd_weights", x.device, n, precision)
-    splits, rows_per_split = _row_splits(n, uj, fp, x.device, precision)
+    splits, rows_per_split = _row_splits(n, uj, hidden, x.device, precision)
     dw1 = torch.empty(splits, *w1.shape, dtype=x.dtype, device=x.device)
     dw2 = torch.empty_like(dw1)
     dw3 = torch.empty(splits, *w3.shape, dtype=x.dtype, device=x.device)
     db1 = torch.empty(splits, *b1.shape, dtype=x.dtype, device=x.device)
     db2 = torch.empty_like(db1)
     db3 = torch.empty(splits, uj, d, dtype=x.dtype, device=x.device)
-    bwd_weights[(uj, fp // bf, splits)](hs, dgout, wk1, wk2, b1, b2, wk3, dw1, dw2, db1, db2, dw3, db3,
-                                       n, rows_per_split, D=d, FP=fp, BF=bf, BM=bm, PREC=precision,
-                                       **opts)
+    bwd_weights[(uj, -(-hidden // bf), splits)](hs, dgout, wk1, wk2, b1, b2, wk3, dw1, dw2, db1, db2, dw3,
+                                               db3, n, rows_per_split, D=d, F=hidden, FA=wk1.shape[1],
+                                               BF=bf, BM=bm, PREC=precision, **opts)
     return [dx, dw1, dw2, db1, db2, dw3, db3, dln]
 
 
@@ -186,22 +185,21 @@ def _rows_per_program(name: str, n: int, precision: str) -> int:
     return bm if n >= bm else 16
 
 
-def _row_splits(n: int, uj: int, fp: int, device: torch.device, precision: str) -> tuple[int, int]:
+def _row_splits(n: int, uj: int, hidden: int, device: torch.device, precision: str) -> tuple[int, int]:
     """(row splits, rows per split) of the weight-gradient kernel: enough splits for about 8 programs
     per SM (fewer left the GPU half idle) without large partial buffers."""
     bm, bf = _rows_per_program("bwd_weights", n, precision), tuning(precision)["bwd_weights"]["BF"]
     nblocks = -(-n // bm)
-    splits = max(1, min(16, (8 * _sm_count(device)) // (uj * (fp // bf)), nblocks))
+    splits = max(1, min(16, (8 * _sm_count(device)) // (uj * -(-hidden // bf)), nblocks))
     rows_per_split = -(-nblocks // splits) * bm
     return -(-n // rows_per_split), rows_per_split
 
 
 @_glu_stack_bwd.register_fake
 def _(dy, x, hs, ys, w1, w2, b1, b2, w3, lnw, eps, glus_per_unit, precision):
-    _check_width(w1.shape[2], precision)
     n, d = x.shape
     uj, units = w1.shape[0], ys.shape[0]
-    splits, _ = _row_splits(n, uj, w1.shape[2], x.device, precision)
+    splits, _ = _row_splits(n, uj, w1.shape[1], x.device, precision)
     nblocks = -(-n // _rows_per_program("bwd_data", n, precision))
     return [torch.empty_like(x), *(x.new_empty(splits, *w.shape) for w in (w1, w2, b1, b2, w3)),
             x.new_empty(splits, uj, d), x.new_empty(nblocks, units + 1, 2, d)]
@@ -218,7 +216,7 @@ def _backward(ctx, dy, dhs, dys):
     x, hs, ys, w1, w2, b1, b2, w3, lnw = ctx.saved_tensors
     dx, *parts, dln = _glu_stack_bwd(dy, x, hs, ys, w1, w2, b1, b2, w3, lnw, *ctx.args)
     # The per-split partial sums are reduced here, outside the op, so that under torch.compile the
-    # reduction fuses with the unpacking into each parameter's layout (pack's backward).
+    # reduction fuses with the unstacking into each parameter's gradient (pack's backward).
     dln = dln.sum(0)
     return (dx, *(p.sum(0) for p in parts), dln[:, 0], dln[:, 1], None, None, None)
 
@@ -238,35 +236,19 @@ def _sm_count(device: torch.device) -> int:
 
 
 # ---- packing the module's parameters ------------------------------------------------------------------
-def _padded(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    pad = size - t.shape[dim]
-    if pad == 0:
-        return t
-    spec = [0, 0] * (t.dim() - 1 - dim) + [0, pad]
-    return torch.nn.functional.pad(t, spec)
+def pack(layernorm1, units) -> tuple[list[torch.Tensor], float, int]:
+    """The metric path's LN_A and residual units as the kernels' tensors (differentiable stacks).
 
-
-def pack(layernorm1, units, multiple: int) -> tuple[list[torch.Tensor], float, int]:
-    """The metric path's LN_A and residual units as the kernels' tensors (differentiable views).
-
-    Returns ([w1, w2, b1, b2, w3, b3, lnw, lnb], eps, glus_per_unit) with w1, w2: [U*J, dk, FP] (input
-    projections, transposed, hidden padded to FP, a multiple of ``multiple``: ``block_f(precision)``),
-    b1, b2: [U*J, FP], w3: [U*J, FP, dk], b3: [U*J, dk], lnw, lnb: [U+1, dk] (LN_A first, then each
-    unit's LayerNorm).
+    Returns ([w1, w2, b1, b2, w3, b3, lnw, lnb], eps, glus_per_unit) with w1, w2: [U*J, F, dk], b1,
+    b2: [U*J, F], w3: [U*J, dk, F], b3: [U*J, dk] (each GLU's nn.Linear tensors, stacked), lnw, lnb:
+    [U+1, dk] (LN_A first, then each unit's LayerNorm).
     """
     glus = [glu for unit in units for glu in unit.denseAs]
-    hidden = glus[0].gluw1.out_features
-    fp = -(-hidden // multiple) * multiple
-    w1 = _padded(torch.stack([g.gluw1.weight for g in glus]).transpose(1, 2), 2, fp)
-    w2 = _padded(torch.stack([g.gluw2.weight for g in glus]).transpose(1, 2), 2, fp)
-    b1 = _padded(torch.stack([g.gluw1.bias for g in glus]), 1, fp)
-    b2 = _padded(torch.stack([g.gluw2.bias for g in glus]), 1, fp)
-    w3 = _padded(torch.stack([g.gluw3.weight for g in glus]).transpose(1, 2), 1, fp)
-    b3 = torch.stack([g.gluw3.bias for g in glus])
     norms = [layernorm1, *(unit.layernormA for unit in units)]
-    lnw = torch.stack([n.weight for n in norms])
-    lnb = torch.stack([n.bias for n in norms])
-    tensors = [t.contiguous() for t in (w1, w2, b1, b2, w3, b3, lnw, lnb)]
+    tensors = [torch.stack([getattr(g, name).weight for g in glus]) for name in ("gluw1", "gluw2")]
+    tensors += [torch.stack([getattr(g, name).bias for g in glus]) for name in ("gluw1", "gluw2")]
+    tensors += [torch.stack([g.gluw3.weight for g in glus]), torch.stack([g.gluw3.bias for g in glus])]
+    tensors += [torch.stack([n.weight for n in norms]), torch.stack([n.bias for n in norms])]
     return tensors, layernorm1.eps, len(units[0].denseAs)
 
 
@@ -287,7 +269,7 @@ def glu_stack(attn, A0: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
     """LN_A and the residual units of ``attn`` applied to A0 [..., dk, dk] (same maths as the torch path)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    tensors, eps, glus_per_unit = pack(attn.layernorm1, attn.reslayerAs, block_f(precision))
+    tensors, eps, glus_per_unit = pack(attn.layernorm1, attn.reslayerAs)
     x = A0.reshape(-1, A0.shape[-1]).contiguous()
     y, _, _ = _glu_stack_fwd(x, *tensors, eps, glus_per_unit, precision)
     return y.view(A0.shape)
