@@ -126,7 +126,7 @@ def _fwd(X, Y, HS, YS, W1, W2, B1, B2, W3, B3, LNW, LNB, N, eps,
 
 
 @triton.jit
-def _bwd_data(X, DY, DX, HS, YS, DG, W1, W2, B1, B2, W3, LNW, DLN, N, eps,
+def _bwd_data(X, DY, DX, HS, YS, DG, W1, W2, B1, B2, W3, LNW, DVEC, N, eps,
               U: tl.constexpr, J: tl.constexpr, D: tl.constexpr, F: tl.constexpr, FA: tl.constexpr,
               BF: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
@@ -135,7 +135,8 @@ def _bwd_data(X, DY, DX, HS, YS, DG, W1, W2, B1, B2, W3, LNW, DLN, N, eps,
     fcols = tl.arange(0, BF)
     mask = rows[:, None] < N
     offs = rows[:, None] * D + cols[None, :]
-    dln = DLN + pid * (U + 1) * 2 * D
+    # This row block's partial sums: the LayerNorms' (dweight, dbias) pairs, then each GLU's db3.
+    dln = DVEC + pid * ((U + 1) * 2 + U * J) * D
     dx = tl.load(DY + offs, mask=mask, other=0.0)
     for uu in range(U):
         u = U - 1 - uu
@@ -144,9 +145,12 @@ def _bwd_data(X, DY, DX, HS, YS, DG, W1, W2, B1, B2, W3, LNW, DLN, N, eps,
         dh = dy
         for jj in range(J):
             uj = u * J + (J - 1 - jj)
-            tl.store(DG + uj * N * D + offs, dh, mask=mask)
-            h = tl.load(HS + uj * N * D + offs, mask=mask, other=0.0)
             dh_op = _op(dh, PREC)
+            # The weight kernel only multiplies by DG, so for bf16 it is stored as the rounded operand
+            # (half the bytes it reads once per hidden chunk); db3, the one plain sum, is taken here.
+            tl.store(DG + uj * N * D + offs, dh_op if PREC == "bf16" else dh, mask=mask)
+            tl.store(dln + ((U + 1) * 2 + uj) * D + cols, tl.sum(dh, axis=0))
+            h = tl.load(HS + uj * N * D + offs, mask=mask, other=0.0)
             dh_in = tl.zeros([BM, D], dtype=tl.float32)
             for c in range(tl.cdiv(F, BF)):
                 f = c * BF + fcols
@@ -164,7 +168,7 @@ def _bwd_data(X, DY, DX, HS, YS, DG, W1, W2, B1, B2, W3, LNW, DLN, N, eps,
 
 
 @triton.jit
-def _bwd_weights(HS, DG, W1, W2, B1, B2, W3, DW1, DW2, DB1, DB2, DW3, DB3, N, rows_per_split,
+def _bwd_weights(HS, DG, W1, W2, B1, B2, W3, DW1, DW2, DB1, DB2, DW3, N, rows_per_split,
                  D: tl.constexpr, F: tl.constexpr, FA: tl.constexpr, BF: tl.constexpr,
                  BM: tl.constexpr, PREC: tl.constexpr):
     uj = tl.program_id(0)
@@ -181,7 +185,6 @@ def _bwd_weights(HS, DG, W1, W2, B1, B2, W3, DW1, DW2, DB1, DB2, DW3, DB3, N, ro
     acc3 = tl.zeros([BF, D], dtype=tl.float32)
     sb1 = tl.zeros([BF], dtype=tl.float32)
     sb2 = tl.zeros([BF], dtype=tl.float32)
-    sb3 = tl.zeros([D], dtype=tl.float32)
     lo = split * rows_per_split
     hi = tl.minimum(lo + rows_per_split, N)
     for start in range(lo, hi, BM):
@@ -189,8 +192,7 @@ def _bwd_weights(HS, DG, W1, W2, B1, B2, W3, DW1, DW2, DB1, DB2, DW3, DB3, N, ro
         mask = rows[:, None] < hi
         offs = uj * N * D + rows[:, None] * D + cols[None, :]
         h = tl.load(HS + offs, mask=mask, other=0.0)
-        dh = tl.load(DG + offs, mask=mask, other=0.0)  # zero rows add nothing below
-        dh_op = _op(dh, PREC)
+        dh_op = _op(tl.load(DG + offs, mask=mask, other=0.0), PREC)  # zero rows add nothing below
         a = _mm(h, w1, PREC) + b1[None, :]
         b = _mm(h, w2, PREC) + b2[None, :]
         s = tl.sigmoid(a)
@@ -203,7 +205,6 @@ def _bwd_weights(HS, DG, W1, W2, B1, B2, W3, DW1, DW2, DB1, DB2, DW3, DB3, N, ro
         acc2 += _mm(ht, _op(db, PREC), PREC)
         sb1 += tl.sum(da, axis=0)
         sb2 += tl.sum(db, axis=0)
-        sb3 += tl.sum(dh, axis=0)
     base = split * UJ + uj
     # Gradients in the weights' layouts: dW1, dW2 [F, D] (acc1, acc2 are their [D, chunk] transposes),
     # dW3 [D, F] (acc3 is its [chunk, D] transpose); hidden units >= F are not written.
@@ -213,8 +214,6 @@ def _bwd_weights(HS, DG, W1, W2, B1, B2, W3, DW1, DW2, DB1, DB2, DW3, DB3, N, ro
     tl.store(DW3 + base * D * F + cols[None, :] * F + f[:, None], acc3, mask=f[:, None] < F)
     tl.store(DB1 + base * F + f, sb1, mask=f < F)
     tl.store(DB2 + base * F + f, sb2, mask=f < F)
-    if c == 0:
-        tl.store(DB3 + base * D + cols, sb3)
 
 
 @triton.jit

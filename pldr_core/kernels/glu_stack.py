@@ -8,10 +8,12 @@ ops that is ~40 kernels per unit on small [B, H, dk, dk] tensors; here it is thr
 - ``_fwd``: one program carries a block of rows through LN_A and every unit, weights read from L2. It
   saves each GLU's input and each unit's pre-LayerNorm sum for the backward.
 - ``_bwd_data``: the same row blocks in reverse: LayerNorm backward, then each GLU backward (its hidden
-  activations recomputed from the saved input), giving dA0 and the gradient at every GLU output.
+  activations recomputed from the saved input), giving dA0, the gradient at every GLU output, and per
+  row block the sums that make the LayerNorm and b3 gradients.
 - ``_bwd_weights``: the weight gradients, a reduction over all rows: one program per (GLU, hidden chunk,
-  row split) recomputes the hidden activations and accumulates W1/W2/W3 and bias gradients. The
-  per-split partial sums are added up outside the op (by torch.compile's own kernels when compiled).
+  row split) recomputes the hidden activations and accumulates the W1/W2/W3, b1 and b2 gradients. The
+  per-split (and per-block) partial sums are added up outside the op (by torch.compile's own kernels
+  when compiled).
 
 The kernels read the weights in nn.Linear's own layout (stacked over the GLUs) and step through the
 hidden size in chunks; hidden units past its end read as zero weights, which add nothing (silu(0) * 0
@@ -51,6 +53,10 @@ import torch
 #   (32-wide chunks, 2 stages for the weights). With W1/W2 tiles loaded once per program in the
 #   weights kernel (not once per row block), scripts/tune_glu_kernels.py --precisions bf16 timed the
 #   settings below at 127 us (forward) and 575 us (both backward kernels together; 604 before).
+#   Then, with the gradient at each GLU output stored in bf16 (the weight kernel reads it once per
+#   hidden chunk and only multiplies by it) and db3 summed in the data kernel: both backward kernels
+#   441 us at these settings (423-474 us for the other weight-kernel rows tried; the tuner's timings
+#   drift by ~10% between runs, so the settings were kept).
 TUNING = {
     "tf32": {
         "fwd": {"BM": 64, "BF": 32, "num_warps": 4, "num_stages": 1},
@@ -150,9 +156,9 @@ def _glu_stack_bwd(dy: torch.Tensor, x: torch.Tensor, hs: torch.Tensor, ys: torc
                    w1: torch.Tensor, w2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor,
                    w3: torch.Tensor, lnw: torch.Tensor, eps: float, glus_per_unit: int, precision: str
                    ) -> list[torch.Tensor]:
-    """[dA0, then the gradients of w1, w2, b1, b2, w3, b3 as per-split partial sums (a leading split
-    dimension), then those of the LayerNorms' (weight, bias) as per-row-block partials [blocks, U+1, 2,
-    dk]]; ``_backward`` sums them."""
+    """[dA0, then the gradients of w1, w2, b1, b2, w3 as per-split partial sums (a leading split
+    dimension), then per-row-block partials [blocks, 2 (U+1) + U*J, dk] of the LayerNorms' (weight,
+    bias) gradients followed by b3's]; ``_backward`` sums them."""
     n, d = x.shape
     uj, hidden = w1.shape[0], w1.shape[1]
     units = uj // glus_per_unit
@@ -160,9 +166,9 @@ def _glu_stack_bwd(dy: torch.Tensor, x: torch.Tensor, hs: torch.Tensor, ys: torc
     bwd_data, bm, bf, opts = _kernel("bwd_data", x.device, n, precision)
     nblocks = (n + bm - 1) // bm
     dx = torch.empty_like(x)
-    dgout = torch.empty(hs.shape, dtype=x.dtype, device=x.device)
-    dln = torch.empty(nblocks, units + 1, 2, d, dtype=x.dtype, device=x.device)
-    bwd_data[(nblocks,)](x, dy.contiguous(), dx, hs, ys, dgout, wk1, wk2, b1, b2, wk3, lnw, dln, n, eps,
+    dgout = torch.empty(hs.shape, dtype=_hs_dtype(x, precision), device=x.device)
+    dvec = torch.empty(nblocks, 2 * (units + 1) + uj, d, dtype=x.dtype, device=x.device)
+    bwd_data[(nblocks,)](x, dy.contiguous(), dx, hs, ys, dgout, wk1, wk2, b1, b2, wk3, lnw, dvec, n, eps,
                          U=units, J=glus_per_unit, D=d, F=hidden, FA=wk1.shape[1], BF=bf, BM=bm,
                          PREC=precision, **opts)
     bwd_weights, bm, bf, opts = _kernel("bwd_weights", x.device, n, precision)
@@ -172,11 +178,10 @@ def _glu_stack_bwd(dy: torch.Tensor, x: torch.Tensor, hs: torch.Tensor, ys: torc
     dw3 = torch.empty(splits, *w3.shape, dtype=x.dtype, device=x.device)
     db1 = torch.empty(splits, *b1.shape, dtype=x.dtype, device=x.device)
     db2 = torch.empty_like(db1)
-    db3 = torch.empty(splits, uj, d, dtype=x.dtype, device=x.device)
     bwd_weights[(uj, -(-hidden // bf), splits)](hs, dgout, wk1, wk2, b1, b2, wk3, dw1, dw2, db1, db2, dw3,
-                                               db3, n, rows_per_split, D=d, F=hidden, FA=wk1.shape[1],
+                                               n, rows_per_split, D=d, F=hidden, FA=wk1.shape[1],
                                                BF=bf, BM=bm, PREC=precision, **opts)
-    return [dx, dw1, dw2, db1, db2, dw3, db3, dln]
+    return [dx, dw1, dw2, db1, db2, dw3, dvec]
 
 
 def _rows_per_program(name: str, n: int, precision: str) -> int:
@@ -202,7 +207,7 @@ def _(dy, x, hs, ys, w1, w2, b1, b2, w3, lnw, eps, glus_per_unit, precision):
     splits, _ = _row_splits(n, uj, w1.shape[1], x.device, precision)
     nblocks = -(-n // _rows_per_program("bwd_data", n, precision))
     return [torch.empty_like(x), *(x.new_empty(splits, *w.shape) for w in (w1, w2, b1, b2, w3)),
-            x.new_empty(splits, uj, d), x.new_empty(nblocks, units + 1, 2, d)]
+            x.new_empty(nblocks, 2 * (units + 1) + uj, d)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -214,11 +219,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dhs, dys):
     x, hs, ys, w1, w2, b1, b2, w3, lnw = ctx.saved_tensors
-    dx, *parts, dln = _glu_stack_bwd(dy, x, hs, ys, w1, w2, b1, b2, w3, lnw, *ctx.args)
-    # The per-split partial sums are reduced here, outside the op, so that under torch.compile the
-    # reduction fuses with the unstacking into each parameter's gradient (pack's backward).
-    dln = dln.sum(0)
-    return (dx, *(p.sum(0) for p in parts), dln[:, 0], dln[:, 1], None, None, None)
+    dx, *parts, dvec = _glu_stack_bwd(dy, x, hs, ys, w1, w2, b1, b2, w3, lnw, *ctx.args)
+    # The partial sums are reduced here, outside the op, so that under torch.compile the reduction
+    # fuses with the unstacking into each parameter's gradient (pack's backward).
+    dvec = dvec.sum(0)
+    dln, db3 = dvec[:2 * lnw.shape[0]].view(-1, 2, dvec.shape[-1]), dvec[2 * lnw.shape[0]:]
+    return (dx, *(p.sum(0) for p in parts), db3, dln[:, 0], dln[:, 1], None, None, None)
 
 
 _glu_stack_fwd.register_autograd(_backward, setup_context=_setup_context)
