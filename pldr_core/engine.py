@@ -10,6 +10,9 @@ graph needs:
 - G_LM comes from a static buffer [L, B, H, dk, dk] (filled from the prefill or from a G-cache file), so
   with a G-cache the metric path never runs in the step; with the KV-cache alone the step recomputes
   G_LM from the frozen A (SPEC section 2), as the eager model does;
+- with a G_LM that stays fixed over the decode (a G-cache, or a frozen G), the key cache holds each key
+  already multiplied by it: (q G_LM) . k = q . (G_LM k), so the step multiplies the one new key instead
+  of the query, and its attention is the identity-G model's (rotary embedding and scores in one kernel);
 - the step is compiled with ``torch.compile`` and replayed as one captured CUDA graph per token.
 
 The prefill is the eager model itself (``model(prompt, kv_cache=..., g_cache=...)``): it writes straight
@@ -38,9 +41,12 @@ class _StepModule(nn.Module):
 
     At batch 1-16 a decode step is bound by the number of kernels, not by FLOPs, so the step is written
     for few of them: q, k and v come from one matmul against the concatenated weights, as do the FFN's
-    two input projections (a copy of those weights, made once per engine), and q @ G_LM for one query is
-    a broadcast multiply-and-sum for the compiler to generate, not a batched-matmul library call
-    (whether it merges it with the rotary embedding is not yet checked in a profile).
+    two input projections (a copy of those weights, made once per engine). With a fixed G_LM (``G``),
+    the cached keys are G_LM k (``DecodeEngine.prefill`` converts the prompt's): the new key's product
+    is a broadcast multiply-and-sum that the compiler merges with its rotary embedding and its cache
+    write, and the query goes straight into the scores as in an identity-G model. Multiplying the query
+    instead cost one more kernel per layer (a profile of paper-110m at batch 16 on an H200: the scores
+    could no longer be merged with the query's rotary embedding).
     """
 
     def __init__(self, model, kv: KVCache, G: torch.Tensor | None, use_metric: bool):
@@ -82,14 +88,15 @@ class _StepModule(nn.Module):
             q, k, v = F.linear(x, self.wqkv[i], self.bqkv[i]).view(B, 1, 3, H, dk).transpose(1, 3).unbind(2)
             q = apply_rope(q, cos, sin, self.rope_style)
             k = apply_rope(k, cos, sin, self.rope_style)
-            G = self.G[i] if self.G is not None else None
-            if G is None and self.use_metric:
-                # KV-cache alone: G_LM from the A frozen at the prefill, every step (as the eager model).
+            acc = torch.promote_types(q.dtype, torch.float32)  # products accumulate in fp32 (or fp64)
+            if self.G is not None:
+                # Fixed G_LM: the key is cached as G_LM k, (G_LM k)_i = sum_j G_ij k_j.
+                k = (self.G[i].to(acc) * k.to(acc)).sum(-1).unsqueeze(-2).to(k.dtype)
+            elif self.use_metric:
+                # KV-cache alone: G_LM from the A frozen at the prefill, every step (as the eager model),
+                # and q G_LM for the one query: sum_i q_i G_ij.
                 with torch.autocast(device_type=q.device.type, enabled=False):
                     _, _, G = a.plgatt_layer(self.A[i])
-            if G is not None:
-                # q G_LM for the one query: sum_i q_i G_ij, accumulated in fp32 (or fp64).
-                acc = torch.promote_types(q.dtype, torch.float32)
                 q = (q.transpose(-1, -2).to(acc) * G.to(acc)).sum(-2, keepdim=True).to(q.dtype)
             # Write the new key/value into the [L, B, H, T, dk] caches with tensor indices for both the
             # layer and the position: one scatter into the base tensor. (Writing through a per-layer
@@ -102,7 +109,6 @@ class _StepModule(nn.Module):
             # (multiply-sum, softmax, multiply-sum) it compiles to fused kernels that beat fused SDPA with
             # a mask here (H200, paper-110m, G-cache file, batch 16, same build otherwise: 27,660 against
             # 26,782 tokens/s; identity-G 28,870 against 26,883).
-            acc = torch.promote_types(q.dtype, torch.float32)
             scores = (q.to(acc) * kc.to(acc)).sum(-1) / math.sqrt(dk)  # [B, H, T]
             p = torch.softmax(scores.masked_fill(~mask[0], float("-inf")), dim=-1)
             out = (p.unsqueeze(-1) * vc.to(acc)).sum(-2, keepdim=True).to(q.dtype)
@@ -237,6 +243,11 @@ class DecodeEngine:
         logits = self.model(prompt.to(self.device), kv_cache=self.kv, g_cache=gc).logits[:, -1]
         if gc is not None and gc.source == "prefill":
             self.G.copy_(gc.G_LM.to(self.dtype))
+        if self.G is not None:
+            # The step attends over keys cached as G_LM k (see _StepModule): convert the prompt's.
+            k = self.kv.k[:, :, :, :S]
+            acc = torch.promote_types(k.dtype, torch.float32)
+            k.copy_(torch.matmul(k.to(acc), self.G.to(acc).transpose(-1, -2)))
         return logits
 
     @torch.no_grad()
