@@ -7,7 +7,7 @@ graph needs:
 - the KV-cache is preallocated once for prompt + max_new_tokens and attended over in full with a mask
   (static shapes; keys past the current position get zero weight);
 - the position is a tensor, so one captured graph serves every step;
-- G_LM comes from a static buffer [L, B or 1, H, dk, dk] (filled from the prefill or from a G-cache file), so
+- G_LM comes from a static buffer [L, B, H, dk, dk] (filled from the prefill or from a G-cache file), so
   with a G-cache the metric path never runs in the step; with the KV-cache alone the step recomputes
   G_LM from the frozen A (SPEC section 2), as the eager model does;
 - with a G_LM that stays fixed over the decode (a G-cache, or a frozen G), the key cache holds each key
@@ -151,14 +151,12 @@ class DecodeEngine:
         self.kv = KVCache.for_model(model, batch, max_len)
         G = None
         self._gc = None
-        # G_LM is one [L, 1, H, dk, dk] buffer when every row shares it (a frozen G, a G-cache file):
-        # the step reads it once, not once per row (at batch 16, 16x fewer bytes per key product).
         if cfg.g_mode in ("random", "fixed"):
             # A frozen G_LM is part of the weights: hold it in the same static buffer.
-            G = torch.stack([l.mha1.G_LM for l in model.decoder.dec_layers])[:, None].to(self.dtype)
+            G = torch.stack([l.mha1.G_LM for l in model.decoder.dec_layers])[:, None]
+            G = G.expand(-1, batch, -1, -1, -1).to(self.dtype).contiguous()
         elif learned and g_source != "none":
-            rows = batch if g_source == "prefill" else 1
-            G = torch.zeros(cfg.num_layers, rows, cfg.num_heads, cfg.head_dim, cfg.head_dim,
+            G = torch.zeros(cfg.num_layers, batch, cfg.num_heads, cfg.head_dim, cfg.head_dim,
                             device=self.device, dtype=self.dtype)
             if g_source == "file":
                 self._gc = g_cache.to(device=self.device)
