@@ -245,9 +245,10 @@ class DecodeEngine:
             self.G.copy_(gc.G_LM.to(self.dtype))
         if self.G is not None:
             # The step attends over keys cached as G_LM k (see _StepModule): convert the prompt's.
-            k = self.kv.k[:, :, :, :S]
-            acc = torch.promote_types(k.dtype, torch.float32)
-            k.copy_(torch.matmul(k.to(acc), self.G.to(acc).transpose(-1, -2)))
+            # In float64 (exact products for bf16 and fp32 caches alike, whatever the TF32 setting),
+            # a layer at a time to bound the temporary.
+            for k, G in zip(self.kv.k[:, :, :, :S], self.G):
+                k.copy_(torch.matmul(k.double(), G.double().transpose(-1, -2)))
         return logits
 
     @torch.no_grad()

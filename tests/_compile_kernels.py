@@ -19,7 +19,7 @@ for name in ("fwd", "bwd_data", "bwd_weights"):
         options = dict(tuning(prec)[name])
         consts = {**{p: shape[p] for p in ("U", "J", "D", "F", "FA") if p in fn.arg_names},
                   "BM": options.pop("BM"), "BF": options.pop("BF"), "PREC": prec}
-        bf16 = {"W1", "W2", "W3", "HS"} if prec == "bf16" else set()  # what glu_stack passes as bf16
+        bf16 = {"W1", "W2", "W3", "HS", "DG"} if prec == "bf16" else set()  # what glu_stack passes as bf16
         sig = {a: ("constexpr" if a in consts else "i32" if a in ("N", "rows_per_split") else
                    "fp32" if a == "eps" else "*bf16" if a in bf16 else "*fp32") for a in fn.arg_names}
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})

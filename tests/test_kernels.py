@@ -65,6 +65,7 @@ def _torch_stack(attn, A0):
 @pytest.mark.parametrize("config_name,overrides,batch", [
     ("tiny", {}, 2),  # dk 16, hidden 24 (a part of one chunk), 2 units of 2 GLUs
     ("tiny", {}, 8),  # 256 rows: the weight gradients come in 4 row splits, summed outside the op
+    ("tiny", {}, 5),  # 160 rows: the last row block is half full (its rows past the end must add nothing)
     ("tiny", {"A_dff": 1}, 2),   # hidden sizes that end inside a chunk, on a chunk's edge, just past it
     ("tiny", {"A_dff": 64}, 2),
     ("tiny", {"A_dff": 65}, 2),
@@ -295,6 +296,35 @@ def test_engine_matches_decode_steps(g_mode, g_source):
     # A chooser other than the built-in greedy reads each step's logits (not the first step's).
     argmax = lambda logits: logits.argmax(-1)  # noqa: E731
     assert torch.equal(engine.generate(prompt, 9, choose=argmax), torch.stack([s.token for s in ref], 1))
+
+
+@pytest.mark.parametrize("g_mode,g_source", [("learned", "prefill"), ("learned", "file"), ("random", "none")])
+def test_bf16_engine_is_as_accurate_as_the_bf16_eager_model(g_mode, g_source):
+    # With a fixed G_LM the engine caches G k where the eager model multiplies q G, so the two round
+    # different products to bf16. Against float64, on the same tokens, neither may be worse.
+    from pldr_core.cache import KVCache
+
+    exact = tiny_model(g_mode)
+    model = cast_for_inference(tiny_model(g_mode, dtype=torch.float32), torch.bfloat16)
+    prompt = torch.randint(4, 64, (8, 12), generator=torch.Generator().manual_seed(3))
+    kw, ekw = {"g_cache": g_source == "prefill"}, {}
+    if g_source == "file":
+        gfile = _file_cache(exact, prompt)
+        kw, ekw = {"g_cache": gfile}, {"g_cache": gfile}
+    ref = list(decode_steps(exact, prompt, 8, kv_cache=True, **kw))
+    engine = DecodeEngine(model, batch=8, max_len=24, g_source=g_source, **ekw)
+    kv = KVCache.for_model(model, 8, 24)
+    gc = GCache.for_model(model, 8) if g_source == "prefill" else ekw.get("g_cache")
+    engine.prefill(prompt)
+    model(prompt, kv_cache=kv, g_cache=gc)
+    err_engine, err_eager = [], []
+    for i in range(1, 8):
+        token = ref[i - 1].token
+        err_engine.append((engine.step(token, 11 + i).double() - ref[i].logits).abs().mean())
+        eager = model(token[:, None], kv_cache=kv, g_cache=gc).logits[:, -1]
+        err_eager.append((eager.double() - ref[i].logits).abs().mean())
+    err_engine, err_eager = torch.stack(err_engine).mean(), torch.stack(err_eager).mean()
+    assert 0 < err_engine <= 1.1 * err_eager, (err_engine, err_eager)
 
 
 def test_engine_file_g_never_runs_the_metric_path():
