@@ -12,7 +12,7 @@ graph needs:
   G_LM from the frozen A (SPEC section 2), as the eager model does;
 - with a G_LM that stays fixed over the decode (a G-cache, or a frozen G), the key cache holds each key
   already multiplied by it: (q G_LM) . k = q . (G_LM k), so the step multiplies the one new key instead
-  of the query, and its attention is the identity-G model's (rotary embedding and scores in one kernel);
+  of the query, and the query's path is the identity-G model's;
 - the step is compiled with ``torch.compile`` and replayed as one captured CUDA graph per token.
 
 The prefill is the eager model itself (``model(prompt, kv_cache=..., g_cache=...)``): it writes straight
@@ -42,11 +42,13 @@ class _StepModule(nn.Module):
     At batch 1-16 a decode step is bound by the number of kernels, not by FLOPs, so the step is written
     for few of them: q, k and v come from one matmul against the concatenated weights, as do the FFN's
     two input projections (a copy of those weights, made once per engine). With a fixed G_LM (``G``),
-    the cached keys are G_LM k (``DecodeEngine.prefill`` converts the prompt's): the new key's product
-    is a broadcast multiply-and-sum that the compiler merges with its rotary embedding and its cache
-    write, and the query goes straight into the scores as in an identity-G model. Multiplying the query
-    instead cost one more kernel per layer (a profile of paper-110m at batch 16 on an H200: the scores
-    could no longer be merged with the query's rotary embedding).
+    the cached keys are G_LM k (``DecodeEngine.prefill`` converts the prompt's), the new key's product
+    is a broadcast multiply-and-sum for the compiler to generate, and the query goes straight into the
+    scores as in an identity-G model. Multiplying the query instead cost one more kernel per layer (a
+    profile of paper-110m at batch 16 on an H200: q G is a reduction, so the scores could no longer be
+    merged with the query's rotary embedding); caching G_LM k took the step from 0.928x to 0.943x
+    identity-G's tokens/s there. Whether the key's product merges with its rotary embedding and its
+    cache write is not yet checked in a profile.
     """
 
     def __init__(self, model, kv: KVCache, G: torch.Tensor | None, use_metric: bool):

@@ -273,6 +273,15 @@ def _file_cache(model, prompt):
     return GCache.from_tensors(gc.A_LM[:, 0].clone(), gc.G_LM[:, 0].clone())
 
 
+def _cache_kwargs(model, prompt, g_source):
+    """(decode_steps kwargs, DecodeEngine kwargs) for one G source; "file" is a G-cache from ``model``'s
+    prefill of another prompt (the first row's first 3 tokens)."""
+    if g_source == "file":
+        gfile = _file_cache(model, prompt)
+        return {"g_cache": gfile}, {"g_cache": gfile}
+    return {"g_cache": g_source == "prefill"}, {}
+
+
 @pytest.mark.parametrize("g_mode,g_source", [
     ("learned", "prefill"), ("learned", "file"), ("learned", "none"), ("identity", "none"),
     ("random", "none"),
@@ -280,10 +289,7 @@ def _file_cache(model, prompt):
 def test_engine_matches_decode_steps(g_mode, g_source):
     model = tiny_model(g_mode)
     prompt = torch.randint(4, 64, (3, 5), generator=torch.Generator().manual_seed(1))
-    kw, ekw = {"g_cache": g_source == "prefill"}, {}
-    if g_source == "file":
-        gfile = _file_cache(model, prompt)
-        kw, ekw = {"g_cache": gfile}, {"g_cache": gfile}
+    kw, ekw = _cache_kwargs(model, prompt, g_source)
     ref = list(decode_steps(model, prompt, 9, kv_cache=True, **kw))
     engine = DecodeEngine(model, batch=3, max_len=16, g_source=g_source, **ekw)
     got = list(engine.steps(prompt, 9))
@@ -307,10 +313,7 @@ def test_bf16_engine_is_as_accurate_as_the_bf16_eager_model(g_mode, g_source):
     exact = tiny_model(g_mode)
     model = cast_for_inference(tiny_model(g_mode, dtype=torch.float32), torch.bfloat16)
     prompt = torch.randint(4, 64, (8, 12), generator=torch.Generator().manual_seed(3))
-    kw, ekw = {"g_cache": g_source == "prefill"}, {}
-    if g_source == "file":
-        gfile = _file_cache(exact, prompt)
-        kw, ekw = {"g_cache": gfile}, {"g_cache": gfile}
+    kw, ekw = _cache_kwargs(exact, prompt, g_source)
     ref = list(decode_steps(exact, prompt, 8, kv_cache=True, **kw))
     engine = DecodeEngine(model, batch=8, max_len=24, g_source=g_source, **ekw)
     kv = KVCache.for_model(model, 8, 24)
@@ -320,7 +323,7 @@ def test_bf16_engine_is_as_accurate_as_the_bf16_eager_model(g_mode, g_source):
     err_engine, err_eager = [], []
     for i in range(1, 8):
         token = ref[i - 1].token
-        err_engine.append((engine.step(token, 11 + i).double() - ref[i].logits).abs().mean())
+        err_engine.append((engine.step(token, prompt.shape[1] + i - 1).double() - ref[i].logits).abs().mean())
         eager = model(token[:, None], kv_cache=kv, g_cache=gc).logits[:, -1]
         err_eager.append((eager.double() - ref[i].logits).abs().mean())
     err_engine, err_eager = torch.stack(err_engine).mean(), torch.stack(err_eager).mean()
@@ -371,10 +374,7 @@ def test_compiled_engine_matches_eager_on_gpu(g_source):
 
     model = build_model(preset("small", g_mode="learned"), seed=0).cuda().eval()
     prompt = torch.randint(4, 8000, (4, 16), generator=torch.Generator().manual_seed(0)).cuda()
-    kw, ekw = {"g_cache": True}, {}
-    if g_source == "file":
-        gfile = _file_cache(model, prompt)
-        kw, ekw = {"g_cache": gfile}, {"g_cache": gfile}
+    kw, ekw = _cache_kwargs(model, prompt, g_source)
     ref = torch.stack([s.token for s in decode_steps(model, prompt, 24, kv_cache=True, **kw)], 1)
     eager = DecodeEngine(model, batch=4, max_len=40, g_source=g_source, **ekw).generate(prompt, 24)
     compiled = DecodeEngine(model, batch=4, max_len=40, g_source=g_source, compile=True, **ekw)
