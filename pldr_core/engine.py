@@ -12,7 +12,8 @@ graph needs:
   G_LM from the frozen A (SPEC section 2), as the eager model does;
 - with a G_LM that stays fixed over the decode (a G-cache, or a frozen G), the key cache holds each key
   already multiplied by it: (q G_LM) . k = q . (G_LM k), so the step multiplies the one new key instead
-  of the query, and the query's path is the identity-G model's;
+  of the query, and the query's path is the identity-G model's; on CUDA one Triton kernel per layer
+  rotates q and k, multiplies the new key and writes it and its value (``pldr_core.kernels.kv_write``);
 - the step is compiled with ``torch.compile`` and replayed as one captured CUDA graph per token.
 
 The prefill is the eager model itself (``model(prompt, kv_cache=..., g_cache=...)``): it writes straight
@@ -32,8 +33,10 @@ from pldr_core.attention import apply_rope, rope_angles
 from pldr_core.cache import GCache, KVCache
 from pldr_core.errors import PLDRError
 from pldr_core.generate import Step, greedy
+from pldr_core.kernels import kv_write
 
 G_SOURCES = ("file", "prefill", "none")
+KERNELS = ("auto", "triton", "torch")
 
 
 class _StepModule(nn.Module):
@@ -42,22 +45,24 @@ class _StepModule(nn.Module):
     At batch 1-16 a decode step is bound by the number of kernels, not by FLOPs, so the step is written
     for few of them: q, k and v come from one matmul against the concatenated weights, as do the FFN's
     two input projections (a copy of those weights, made once per engine). With a fixed G_LM (``G``),
-    the cached keys are G_LM k (``DecodeEngine.prefill`` converts the prompt's), the new key's product
-    is a broadcast multiply-and-sum for the compiler to generate, and the query goes straight into the
-    scores as in an identity-G model. Multiplying the query instead cost one more kernel per layer (a
-    profile of paper-110m at batch 16 on an H200: q G is a reduction, so the scores could no longer be
-    merged with the query's rotary embedding); caching G_LM k took the step from 0.928x to 0.943x
-    identity-G's tokens/s there. Whether the key's product merges with its rotary embedding and its
-    cache write is not yet checked in a profile.
+    the cached keys are G_LM k (``DecodeEngine.prefill`` converts the prompt's) and the query goes
+    straight into the scores as in an identity-G model. A profile of one compiled step (paper-110m,
+    batch 16, H200) gave the kernel counts: multiplying the query by G_LM, 76 kernels against
+    identity-G's 71 (q G is a reduction, so the scores no longer merged with q's rotary embedding);
+    multiplying the new key with torch ops, still 76 (a rotary kernel and a product-and-write kernel
+    per layer); with ``kernel`` (``pldr_core.kernels.kv_write.decode_qkv``), 71, busy 300 us against
+    297. Timed in turns in one run (batch 16, G-cache file): 0.89x identity-G's tokens/s with the torch
+    ops, 0.99x with the kernel.
     """
 
-    def __init__(self, model, kv: KVCache, G: torch.Tensor | None, use_metric: bool):
+    def __init__(self, model, kv: KVCache, G: torch.Tensor | None, use_metric: bool, kernel: bool):
         super().__init__()
         cfg = model.config
         self.model = model
         self.L, self.H, self.dk, self.d = cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.d_model
         self.rope_style = cfg.rope_style
         self.use_metric = use_metric
+        self.kernel = kernel  # pldr_core.kernels.kv_write's decode_qkv (needs a fixed G)
         dtype = kv.k.dtype
         T = kv.max_len
         cos, sin = rope_angles(torch.arange(T, device=kv.k.device), self.dk, cfg.rope_base)
@@ -87,25 +92,32 @@ class _StepModule(nn.Module):
         mask = (self.keys <= pos)[None, None, None, :]   # [1, 1, 1, T]
         for i, layer in enumerate(m.decoder.dec_layers):
             a = layer.mha1
-            q, k, v = F.linear(x, self.wqkv[i], self.bqkv[i]).view(B, 1, 3, H, dk).transpose(1, 3).unbind(2)
-            q = apply_rope(q, cos, sin, self.rope_style)
-            k = apply_rope(k, cos, sin, self.rope_style)
-            acc = torch.promote_types(q.dtype, torch.float32)  # products accumulate in fp32 (or fp64)
-            if self.G is not None:
-                # Fixed G_LM: the key is cached as G_LM k, (G_LM k)_i = sum_j G_ij k_j.
-                k = (self.G[i].to(acc) * k.to(acc)).sum(-1).unsqueeze(-2).to(k.dtype)
-            elif self.use_metric:
-                # KV-cache alone: G_LM from the A frozen at the prefill, every step (as the eager model),
-                # and q G_LM for the one query: sum_i q_i G_ij.
-                with torch.autocast(device_type=q.device.type, enabled=False):
-                    _, _, G = a.plgatt_layer(self.A[i])
-                q = (q.transpose(-1, -2).to(acc) * G.to(acc)).sum(-2, keepdim=True).to(q.dtype)
-            # Write the new key/value into the [L, B, H, T, dk] caches with tensor indices for both the
-            # layer and the position: one scatter into the base tensor. (Writing through a per-layer
-            # view made the compiled step copy the whole cache back, ~150 us per step at batch 16.)
-            lid = self.layer_ids[i:i + 1]
-            self.k_cache[lid, :, :, pos] = k.permute(2, 0, 1, 3).to(self.k_cache.dtype)
-            self.v_cache[lid, :, :, pos] = v.permute(2, 0, 1, 3).to(self.v_cache.dtype)
+            qkv = F.linear(x, self.wqkv[i], self.bqkv[i])
+            acc = torch.promote_types(qkv.dtype, torch.float32)  # products accumulate in fp32 (or fp64)
+            if self.kernel:
+                # Fixed G_LM, one Triton kernel: rotate q and k, cache G_LM k and v at pos.
+                q = torch.ops.pldr.decode_qkv(qkv, self.cos, self.sin, pos, self.G, self.k_cache,
+                                              self.v_cache, i, self.rope_style == "interleaved")
+            else:
+                q, k, v = qkv.view(B, 1, 3, H, dk).transpose(1, 3).unbind(2)
+                q = apply_rope(q, cos, sin, self.rope_style)
+                k = apply_rope(k, cos, sin, self.rope_style)
+                if self.G is not None:
+                    # Fixed G_LM: the key is cached as G_LM k, (G_LM k)_i = sum_j G_ij k_j.
+                    k = (self.G[i].to(acc) * k.to(acc)).sum(-1).unsqueeze(-2).to(k.dtype)
+                elif self.use_metric:
+                    # KV-cache alone: G_LM from the A frozen at the prefill, every step (as the eager
+                    # model), and q G_LM for the one query: sum_i q_i G_ij.
+                    with torch.autocast(device_type=q.device.type, enabled=False):
+                        _, _, G = a.plgatt_layer(self.A[i])
+                    q = (q.transpose(-1, -2).to(acc) * G.to(acc)).sum(-2, keepdim=True).to(q.dtype)
+                # Write the new key/value into the [L, B, H, T, dk] caches with tensor indices for both
+                # the layer and the position: one scatter into the base tensor. (Writing through a
+                # per-layer view made the compiled step copy the whole cache back, ~150 us per step at
+                # batch 16.)
+                lid = self.layer_ids[i:i + 1]
+                self.k_cache[lid, :, :, pos] = k.permute(2, 0, 1, 3).to(self.k_cache.dtype)
+                self.v_cache[lid, :, :, pos] = v.permute(2, 0, 1, 3).to(self.v_cache.dtype)
             kc, vc = self.k_cache[i], self.v_cache[i]
             # Attention of the one query over the whole static cache, masked past ``pos``: written out
             # (multiply-sum, softmax, multiply-sum) it compiles to fused kernels that beat fused SDPA with
@@ -132,12 +144,18 @@ class DecodeEngine:
     recomputes G_LM from the frozen A each step; an identity-G model has no G at all).
     ``compile``: compile the step with ``torch.compile`` and, on CUDA, capture it once as a CUDA graph
     that reads token and position from static buffers (one replay per token, no host work in between).
+    ``kernel``: with a fixed G_LM, write each new key and value with the Triton kernel of
+    ``pldr_core.kernels.kv_write`` ('triton'; on CPU it needs TRITON_INTERPRET=1) or with torch ops
+    ('torch'); 'auto' (the default) takes the kernel on CUDA. ``self.kernel`` says which one runs.
     """
 
     def __init__(self, model, *, batch: int, max_len: int, g_source: str = "prefill",
-                 g_cache: GCache | None = None, compile: bool = False, compile_mode: str | None = None):
+                 g_cache: GCache | None = None, compile: bool = False, compile_mode: str | None = None,
+                 kernel: str = "auto"):
         if g_source not in G_SOURCES:
             raise PLDRError(f"unknown g_source {g_source!r}; choose one of {', '.join(G_SOURCES)}")
+        if kernel not in KERNELS:
+            raise PLDRError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
         cfg = model.config
         learned = cfg.has_metric_path
         if g_source == "file" and g_cache is None:
@@ -166,7 +184,14 @@ class DecodeEngine:
             else:
                 self._gc = GCache.for_model(model, batch)
         self.G = G
-        self._step = _StepModule(model, self.kv, G, use_metric=learned and g_source == "none")
+        fits = G is not None and kv_write.applies(self.kv.k, cfg.head_dim)
+        if kernel == "triton" and not fits:
+            raise PLDRError("the Triton decode kernel needs a fixed G_LM (a G-cache or a frozen G), a "
+                            "power-of-two head size, and CUDA (or TRITON_INTERPRET=1)")
+        auto = kernel == "auto" and self.device.type == "cuda"
+        self.kernel = "triton" if fits and (kernel == "triton" or auto) else "torch"
+        self._step = _StepModule(model, self.kv, G, use_metric=learned and g_source == "none",
+                                 kernel=self.kernel == "triton")
         self._positions = torch.arange(max_len, device=self.device)
         self.compiled = bool(compile)
         # Static inputs/outputs of the step, so that one captured CUDA graph serves every step.

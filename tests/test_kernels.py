@@ -282,16 +282,19 @@ def _cache_kwargs(model, prompt, g_source):
     return {"g_cache": g_source == "prefill"}, {}
 
 
-@pytest.mark.parametrize("g_mode,g_source", [
-    ("learned", "prefill"), ("learned", "file"), ("learned", "none"), ("identity", "none"),
-    ("random", "none"),
+@pytest.mark.parametrize("g_mode,g_source,kernel", [
+    ("learned", "prefill", "torch"), ("learned", "file", "torch"), ("learned", "none", "auto"),
+    ("identity", "none", "auto"), ("random", "none", "torch"),
+    # The Triton key/value kernel (pldr_core.kernels.kv_write) in Triton's interpreter, float64.
+    ("learned", "prefill", "triton"), ("learned", "file", "triton"), ("random", "none", "triton"),
 ])
-def test_engine_matches_decode_steps(g_mode, g_source):
+def test_engine_matches_decode_steps(g_mode, g_source, kernel):
     model = tiny_model(g_mode)
     prompt = torch.randint(4, 64, (3, 5), generator=torch.Generator().manual_seed(1))
     kw, ekw = _cache_kwargs(model, prompt, g_source)
     ref = list(decode_steps(model, prompt, 9, kv_cache=True, **kw))
-    engine = DecodeEngine(model, batch=3, max_len=16, g_source=g_source, **ekw)
+    engine = DecodeEngine(model, batch=3, max_len=16, g_source=g_source, kernel=kernel, **ekw)
+    assert engine.kernel == ("triton" if kernel == "triton" else "torch")
     got = list(engine.steps(prompt, 9))
     assert torch.equal(torch.stack([s.token for s in got], 1), torch.stack([s.token for s in ref], 1))
     for a, b in zip(got, ref):
@@ -304,18 +307,44 @@ def test_engine_matches_decode_steps(g_mode, g_source):
     assert torch.equal(engine.generate(prompt, 9, choose=argmax), torch.stack([s.token for s in ref], 1))
 
 
-@pytest.mark.parametrize("g_mode,g_source", [("learned", "prefill"), ("learned", "file"), ("random", "none")])
-def test_bf16_engine_is_as_accurate_as_the_bf16_eager_model(g_mode, g_source):
-    # With a fixed G_LM the engine caches G k where the eager model multiplies q G, so the two round
-    # different products to bf16. Against float64, on the same tokens, neither may be worse.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("style", ["interleaved", "half"])
+def test_decode_qkv_kernel_equals_rope_then_g_k(dtype, style):
+    # The kernel against the torch ops it replaces, at a mid-cache position of a middle layer, with a
+    # G that is a strided view (the engine's file G may be one) and rows other than the written
+    # position left as they were.
+    from pldr_core.attention import apply_rope, rope_angles
+    from pldr_core.kernels.kv_write import decode_qkv
+
+    gen = torch.Generator().manual_seed(0)
+    L, B, H, T, dk, p = 3, 2, 4, 10, 16, 7
+    qkv = torch.randn(B, 1, 3 * H * dk, generator=gen, dtype=dtype)
+    cos, sin = (t.to(dtype) for t in rope_angles(torch.arange(T), dk, 10000.0))
+    G = torch.randn(L, 1, H, dk, dk, generator=gen, dtype=dtype).expand(L, B, H, dk, dk)
+    k_cache = torch.randn(L, B, H, T, dk, generator=gen, dtype=dtype)
+    v_cache = torch.randn(L, B, H, T, dk, generator=gen, dtype=dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q = decode_qkv(qkv, cos, sin, torch.tensor([p]), G, k_cache, v_cache, 1, style == "interleaved")
+    q_ref, k, v = qkv.view(B, 1, 3, H, dk).transpose(1, 3).unbind(2)
+    c, s = cos[p][None, None, None], sin[p][None, None, None]
+    k_ref[1, :, :, p] = (G[1] @ apply_rope(k, c, s, style).transpose(-1, -2)).squeeze(-1)
+    v_ref[1, :, :, p] = v[:, :, 0]
+    tol = dict(rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    torch.testing.assert_close(q, apply_rope(q_ref, c, s, style), **tol)
+    torch.testing.assert_close(k_cache, k_ref, **tol)
+    assert torch.equal(v_cache, v_ref)
+
+
+def _bf16_engine_errors(g_mode, g_source, device, **engine_kw):
+    """Mean |logit error| against float64 of a bf16 engine and of the bf16 eager model, same tokens."""
     from pldr_core.cache import KVCache
 
-    exact = tiny_model(g_mode)
-    model = cast_for_inference(tiny_model(g_mode, dtype=torch.float32), torch.bfloat16)
-    prompt = torch.randint(4, 64, (8, 12), generator=torch.Generator().manual_seed(3))
+    exact = tiny_model(g_mode).to(device)
+    model = cast_for_inference(tiny_model(g_mode, dtype=torch.float32), torch.bfloat16).to(device)
+    prompt = torch.randint(4, 64, (8, 12), generator=torch.Generator().manual_seed(3)).to(device)
     kw, ekw = _cache_kwargs(exact, prompt, g_source)
     ref = list(decode_steps(exact, prompt, 8, kv_cache=True, **kw))
-    engine = DecodeEngine(model, batch=8, max_len=24, g_source=g_source, **ekw)
+    engine = DecodeEngine(model, batch=8, max_len=24, g_source=g_source, **ekw, **engine_kw)
     kv = KVCache.for_model(model, 8, 24)
     gc = GCache.for_model(model, 8) if g_source == "prefill" else ekw.get("g_cache")
     engine.prefill(prompt)
@@ -326,7 +355,14 @@ def test_bf16_engine_is_as_accurate_as_the_bf16_eager_model(g_mode, g_source):
         err_engine.append((engine.step(token, prompt.shape[1] + i - 1).double() - ref[i].logits).abs().mean())
         eager = model(token[:, None], kv_cache=kv, g_cache=gc).logits[:, -1]
         err_eager.append((eager.double() - ref[i].logits).abs().mean())
-    err_engine, err_eager = torch.stack(err_engine).mean(), torch.stack(err_eager).mean()
+    return engine, torch.stack(err_engine).mean(), torch.stack(err_eager).mean()
+
+
+@pytest.mark.parametrize("g_mode,g_source", [("learned", "prefill"), ("learned", "file"), ("random", "none")])
+def test_bf16_engine_is_as_accurate_as_the_bf16_eager_model(g_mode, g_source):
+    # With a fixed G_LM the engine caches G k where the eager model multiplies q G, so the two round
+    # different products to bf16. Against float64, on the same tokens, neither may be worse.
+    _, err_engine, err_eager = _bf16_engine_errors(g_mode, g_source, "cpu")
     assert 0 < err_engine <= 1.1 * err_eager, (err_engine, err_eager)
 
 
@@ -382,6 +418,16 @@ def test_compiled_engine_matches_eager_on_gpu(g_source):
     got = compiled.generate(prompt, 24)
     assert torch.equal(eager, ref)
     assert torch.equal(got, ref)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("g_mode,g_source", [("learned", "prefill"), ("learned", "file"), ("random", "none")])
+def test_compiled_bf16_engine_with_the_kernel_is_as_accurate_as_eager_on_gpu(g_mode, g_source):
+    # The CUDA path as generate and bench run it: compiled, one CUDA graph, the Triton key/value kernel.
+    engine, err_engine, err_eager = _bf16_engine_errors(g_mode, g_source, "cuda", compile=True)
+    assert engine.kernel == "triton"
+    assert 0 < err_engine <= 1.1 * err_eager, (err_engine, err_eager)
 
 
 @gpu

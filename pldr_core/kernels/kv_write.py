@@ -1,0 +1,64 @@
+"""One decode-step kernel for the engine's fixed-G_LM path: rotary embeddings and the KV-cache write.
+
+With a fixed G_LM the decode engine caches each key as G_LM R_p k (R_p: its rotary embedding at
+position p; see ``pldr_core.engine``). Written with torch ops, the product is a reduction over the head
+dimension, and torch.compile gave the step one more kernel per layer than the identity-G model's
+(``decode_qkv``'s docstring has the profile). ``decode_qkv`` is that part of the step as one Triton
+kernel per layer: from the step's q|k|v projection it rotates q and k, stores G_LM k and v at the
+current position of the [L, B, H, T, dk] caches (in place), and returns the rotated q.
+
+It is a ``torch.library`` custom op that mutates the two whole cache tensors (never a per-layer view:
+a view made the compiled step copy the cache back), so a CUDA graph captures it as one launch.
+``applies`` says when the engine can use it; otherwise the engine's torch formulation runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pldr_core.kernels.glu_stack import available
+
+
+def applies(k_cache: torch.Tensor, head_dim: int) -> bool:
+    """CUDA caches (or CPU ones under TRITON_INTERPRET=1), dk a power of two, Triton importable."""
+    on_device = k_cache.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return on_device and head_dim >= 2 and not head_dim & (head_dim - 1) and available()
+
+
+@torch.library.custom_op("pldr::decode_qkv", mutates_args=("k_cache", "v_cache"))
+def decode_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+               G: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int,
+               interleaved: bool) -> torch.Tensor:
+    """R_pos q [B, H, 1, dk]; stores G_LM[layer] R_pos k and v at ``pos`` in layer ``layer`` of the caches.
+
+    ``qkv`` [B, 1, 3*H*dk]: one step's q|k|v projection (heads contiguous within each); ``cos``/``sin``
+    [T, dk/2] the rotary tables (contiguous); ``pos`` [1] (a tensor, so a captured graph serves every
+    step); ``G`` [L, B, H, dk, dk] (any strides outside the last two dims, which are contiguous);
+    caches [L, B, H, T, dk] with the same strides. The rotations are rounded to qkv's dtype, as the
+    model's own rotation leaves them; the product G k accumulates in fp32 (fp64 for fp64 caches).
+
+    Profile of one compiled step (paper-110m, batch 16, H200): with the torch formulation of G k,
+    76 kernels and 321 us busy against identity-G's 71 and 292; every layer had a rotary kernel and a
+    product-and-write kernel where identity-G has one rotate-and-write kernel."""
+    from pldr_core.kernels import _kv_triton
+
+    L, B, H, T, dk = k_cache.shape
+    if qkv.shape[-1] != 3 * H * dk or qkv.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("decode_qkv: qkv must be [B, 1, 3*H*dk] and the caches share strides")
+    if G.stride(-1) != 1 or G.stride(-2) != dk or k_cache.stride(-1) != 1:
+        raise ValueError("decode_qkv: G's and the caches' last dimensions must be contiguous")
+    q = torch.empty(B, H, 1, dk, dtype=qkv.dtype, device=qkv.device)
+    acc = _kv_triton.tl.float64 if k_cache.dtype == torch.float64 else _kv_triton.tl.float32
+    _kv_triton._decode_qkv[(B * H,)](
+        qkv, cos.contiguous(), sin.contiguous(), pos, G, k_cache, v_cache, q, layer, H, qkv.stride(0),
+        G.stride(0), G.stride(1), G.stride(2), *k_cache.stride()[:4],
+        D=dk, INTERLEAVED=interleaved, ACC=acc)
+    return q
+
+
+@decode_qkv.register_fake
+def _(qkv, cos, sin, pos, G, k_cache, v_cache, layer, interleaved):
+    L, B, H, T, dk = k_cache.shape
+    return qkv.new_empty(B, H, 1, dk)
