@@ -294,7 +294,7 @@ def run_bench(what: str = "all", *, preset: str = "tiny", device: str = "auto", 
               seq_len: int | None = None, steps: int | None = None, compile: bool | None = None,
               compile_mode: str | None = None, metric_precision: str = DEFAULT_METRIC_PRECISION,
               decode_batch: int | None = None, prompt_len: int | None = None,
-              new_tokens: int | None = None, eager_decode: bool = True,
+              new_tokens: int | None = None, eager_decode: bool = True, repeats: int | None = None,
               log: Callable[[str], None] = lambda s: None) -> dict:
     """Run the benchmark; returns {"train": ..., "decode": ..., "device": ..., "torch": ...}."""
     if what not in WHATS:
@@ -305,7 +305,7 @@ def run_bench(what: str = "all", *, preset: str = "tiny", device: str = "auto", 
                         f"{', '.join(m for m in COMPILE_MODES if m)}")
     for name, value in (("--batch", batch), ("--seq-len", seq_len), ("--steps", steps),
                         ("--decode-batch", decode_batch), ("--prompt-len", prompt_len),
-                        ("--new-tokens", new_tokens)):
+                        ("--new-tokens", new_tokens), ("--repeats", repeats)):
         if value is not None and value < 1:
             raise PLDRError(f"{name} must be a positive integer, got {value}")
     config = make_preset(preset)
@@ -332,5 +332,5 @@ def run_bench(what: str = "all", *, preset: str = "tiny", device: str = "auto", 
         batches = sorted({1, decode_batch or d["decode_batch"]})
         result["decode"] = bench_decode(config, dev, batches=batches, prompt_len=prompt_len,
                                         new_tokens=new_tokens, compile=compile, eager=eager_decode,
-                                        repeats=d["decode_repeats"], log=log)
+                                        repeats=repeats or d["decode_repeats"], log=log)
     return result

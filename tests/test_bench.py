@@ -65,6 +65,14 @@ def test_run_bench_refuses_bad_input():
         run_bench("train", preset="tiny", device="cpu", seq_len=4096)
     with pytest.raises(PLDRError, match="positive"):
         run_bench("train", preset="tiny", device="cpu", batch=0)
+    with pytest.raises(PLDRError, match="--repeats must be a positive"):
+        run_bench("decode", preset="tiny", device="cpu", repeats=0)
+
+
+def test_decode_repeats_sets_the_number_of_turns():
+    d = run_bench("decode", **{**SMALL, "decode_batch": 1}, eager_decode=False, repeats=3)["decode"]
+    assert d["engine_repeats"] == 3 and "eager" not in d["batch_1"]
+    assert all(len(v["runs_tokens_per_s"]) == 3 for v in d["batch_1"]["engine"].values())
 
 
 def test_cli_bench_writes_json(tmp_path):

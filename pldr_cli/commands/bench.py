@@ -20,6 +20,8 @@ EPILOG = """Examples:
   pldr bench train --preset paper-110m --batch 8 --seq-len 512 --no-compile
 
   pldr bench decode --preset small --decode-batch 32 --new-tokens 128
+
+  pldr bench decode --preset paper-110m --repeats 15 --no-eager-decode   # steadier decode medians
 """
 
 
@@ -50,6 +52,8 @@ def bench(
     new_tokens: int = typer.Option(None, "--new-tokens", help="Greedy new tokens (256 GPU, 16 CPU)."),
     eager_decode: bool = typer.Option(True, "--eager-decode/--no-eager-decode",
                                       help="Also time the eager decode_steps mechanism."),
+    repeats: int = typer.Option(None, "--repeats", help="Timed runs of each decode engine, taken in "
+                                "turns; each figure is their median (default 5 GPU, 2 CPU)."),
 ) -> None:
     from pldr_core.bench import WHATS, run_bench
     from pldr_core.errors import PLDRError
@@ -63,7 +67,7 @@ def bench(
     result = run_bench(what, preset=preset, device=device, batch=batch, seq_len=seq_len, steps=steps,
                        compile_mode=compile_mode, metric_precision=metric_precision,
                        compile=compile, decode_batch=decode_batch, prompt_len=prompt_len,
-                       new_tokens=new_tokens, eager_decode=eager_decode, log=log)
+                       new_tokens=new_tokens, eager_decode=eager_decode, repeats=repeats, log=log)
     if json_file is not None:
         from pldr_core.io import atomic_write_text
 
