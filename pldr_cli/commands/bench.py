@@ -53,7 +53,7 @@ def bench(
     eager_decode: bool = typer.Option(True, "--eager-decode/--no-eager-decode",
                                       help="Also time the eager decode_steps mechanism."),
     repeats: int = typer.Option(None, "--repeats", help="Timed runs of each decode engine, taken in "
-                                "turns; each figure is their median (default 5 GPU, 2 CPU)."),
+                                "turns; each figure is their median (default 15 GPU, 2 CPU)."),
 ) -> None:
     from pldr_core.bench import WHATS, run_bench
     from pldr_core.errors import PLDRError
