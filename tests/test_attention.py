@@ -137,3 +137,27 @@ def test_dag_terms_formula():
     model = tiny_model("learned", dtype=torch.float32)
     terms = dag_terms(model(torch.randint(4, 64, (1, 6)), return_deductive=True).deductive)
     assert set(terms) == {"A_LM", "A_P", "G_LM"} and all(torch.isfinite(t) for t in terms.values())
+
+
+@pytest.mark.parametrize("same_shapes", [True, False])
+def test_dag_terms_are_the_layer_mean_of_dag_loss_term_with_its_gradient(same_shapes):
+    # dag_terms batches every tensor into one matrix exponential when the shapes allow: the values
+    # and the gradients (the terms can be in the loss) are those of one dag_loss_term per layer.
+    from pldr_core.model import dag_loss_term, dag_terms
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(2, 3, 4, 4)] * 3 if same_shapes else [(2, 3, 4, 4), (1, 3, 4, 4), (2, 3, 4, 4)]
+    deductive = [{k: (0.5 * torch.randn(s, generator=gen, dtype=torch.float64)).requires_grad_()
+                  for k in ("A_LM", "A_P", "G_LM")} for s in shapes]
+    deductive.insert(1, None)  # a layer without deductive outputs is skipped
+    got = dag_terms(deductive)
+    layers = [d for d in deductive if d is not None]
+    want = {k: torch.stack([dag_loss_term(d[k]) for d in layers]).mean() for k in ("A_LM", "A_P", "G_LM")}
+    assert list(got) == ["A_LM", "A_P", "G_LM"]
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=0)
+    inputs = [d[k] for d in layers for k in ("A_LM", "A_P", "G_LM")]
+    g_got = torch.autograd.grad(sum(got.values()), inputs)
+    g_want = torch.autograd.grad(sum(want.values()), inputs)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
