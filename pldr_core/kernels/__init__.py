@@ -234,9 +234,9 @@ def prepare_metric_path(model, device=None, *, metric_precision: str = DEFAULT_M
     ``tests/test_metric_precision.py``).
 
     Speed, H200, paper shape: the bf16 kernels are 1.3-1.8x faster than the TF32 ones; ``pldr bench``
-    trains learned-G at 0.851-0.857x identity-G with them (TF32 with earlier kernels: 0.734x) and
-    ``pldr pretrain`` at a steady 639k tokens/s (4k vocabulary, measured before the last two kernel
-    changes; TF32 557k-562k). bf16 runs were uneven until pretrain's AdamW was made fused
+    trains learned-G at 0.850-0.857x identity-G with them (TF32 with earlier kernels: 0.734x) and
+    ``pldr pretrain`` at a median 686k tokens/s over steps 11-40 (4k vocabulary; TF32 with earlier
+    kernels 557k-562k). bf16 runs were uneven until pretrain's AdamW was made fused
     (``pldr_core.train._optimizer_impl``).
     """
     check_metric_precision(metric_precision)
