@@ -184,10 +184,11 @@ class DecodeEngine:
             else:
                 self._gc = GCache.for_model(model, batch)
         self.G = G
-        fits = G is not None and kv_write.applies(self.kv.k, cfg.head_dim)
+        fits = G is not None and kv_write.applies(self.kv.k, G, cfg.head_dim)
         if kernel == "triton" and not fits:
             raise PLDRError("the Triton decode kernel needs a fixed G_LM (a G-cache or a frozen G), a "
-                            "power-of-two head size, and CUDA (or TRITON_INTERPRET=1)")
+                            "power-of-two head size, a KV-cache under 2**31 elements, and CUDA (or "
+                            "TRITON_INTERPRET=1)")
         auto = kernel == "auto" and self.device.type == "cuda"
         self.kernel = "triton" if fits and (kernel == "triton" or auto) else "torch"
         self._step = _StepModule(model, self.kv, G, use_metric=learned and g_source == "none",

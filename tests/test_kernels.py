@@ -335,6 +335,26 @@ def test_decode_qkv_kernel_equals_rope_then_g_k(dtype, style):
     assert torch.equal(v_cache, v_ref)
 
 
+def test_decode_qkv_kernel_only_where_it_applies():
+    # Power-of-two dk and 32-bit offsets; elsewhere the engine keeps its torch ops, and asking for the
+    # kernel is an error.
+    from pldr_core.kernels.kv_write import applies
+
+    small, G = torch.empty(2, 1, 2, 8, 16), torch.empty(2, 1, 2, 16, 16)
+    assert applies(small, G, 16)
+    assert not applies(small, G, 12)
+    assert not applies(torch.empty(2**31, device="meta"), G, 16)
+    assert not applies(small, torch.empty(2**31, device="meta"), 16)
+    model = tiny_model("learned", d_model=24, num_heads=2)  # dk 12
+    with pytest.raises(PLDRError, match="power-of-two head size"):
+        DecodeEngine(model, batch=1, max_len=8, g_source="prefill", kernel="triton")
+    with pytest.raises(PLDRError, match="needs a fixed G_LM"):
+        DecodeEngine(tiny_model("learned"), batch=1, max_len=8, g_source="none", kernel="triton")
+    assert DecodeEngine(model, batch=1, max_len=8, g_source="prefill").kernel == "torch"
+    with pytest.raises(PLDRError, match="unknown kernel"):
+        DecodeEngine(model, batch=1, max_len=8, kernel="cuda")
+
+
 def _bf16_engine_errors(g_mode, g_source, device, **engine_kw):
     """Mean |logit error| against float64 of a bf16 engine and of the bf16 eager model, same tokens."""
     from pldr_core.cache import KVCache

@@ -108,7 +108,8 @@ def _gram_backward(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"gram_backward takes bf16 q and fp32 g, got {q.dtype} and {g.dtype}")
     B, H, S, dk = q.shape
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k._gram_bwd[(B * H, -(-S // _GRAM_ROWS))](q.contiguous(), g.contiguous(), dq, S, D=dk, BM=_GRAM_ROWS)
+    with glu_stack.on_device(q):
+        k._gram_bwd[(B * H, -(-S // _GRAM_ROWS))](q.contiguous(), g.contiguous(), dq, S, D=dk, BM=_GRAM_ROWS)
     return dq
 
 

@@ -31,6 +31,7 @@ which is how the tests check the kernels without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -79,6 +80,12 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def on_device(t: torch.Tensor):
+    """Context for launching a Triton kernel on ``t``: Triton launches on the current CUDA device, which
+    need not be the tensors' (a model on ``cuda:1``); a no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def tuning(precision: str) -> dict[str, dict[str, int]]:
@@ -132,9 +139,10 @@ def _glu_stack_fwd(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torc
     ys = torch.empty(units, n, d, dtype=x.dtype, device=x.device)
     wk1, wk2, wk3 = _operands(w1, w2, w3, precision)
     fwd, bm, bf, opts = _kernel("fwd", x.device, n, precision)
-    fwd[((n + bm - 1) // bm,)](x, y, hs, ys, wk1, wk2, b1, b2, wk3, b3, lnw, lnb, n, eps,
-                               U=units, J=glus_per_unit, D=d, F=hidden, FA=wk1.shape[1], BF=bf, BM=bm,
-                               PREC=precision, **opts)
+    with on_device(x):
+        fwd[((n + bm - 1) // bm,)](x, y, hs, ys, wk1, wk2, b1, b2, wk3, b3, lnw, lnb, n, eps,
+                                   U=units, J=glus_per_unit, D=d, F=hidden, FA=wk1.shape[1], BF=bf, BM=bm,
+                                   PREC=precision, **opts)
     return y, hs, ys
 
 
@@ -168,9 +176,10 @@ def _glu_stack_bwd(dy: torch.Tensor, x: torch.Tensor, hs: torch.Tensor, ys: torc
     dx = torch.empty_like(x)
     dgout = torch.empty(hs.shape, dtype=_hs_dtype(x, precision), device=x.device)
     dvec = torch.empty(nblocks, 2 * (units + 1) + uj, d, dtype=x.dtype, device=x.device)
-    bwd_data[(nblocks,)](x, dy.contiguous(), dx, hs, ys, dgout, wk1, wk2, b1, b2, wk3, lnw, dvec, n, eps,
-                         U=units, J=glus_per_unit, D=d, F=hidden, FA=wk1.shape[1], BF=bf, BM=bm,
-                         PREC=precision, **opts)
+    with on_device(x):
+        bwd_data[(nblocks,)](x, dy.contiguous(), dx, hs, ys, dgout, wk1, wk2, b1, b2, wk3, lnw, dvec, n, eps,
+                             U=units, J=glus_per_unit, D=d, F=hidden, FA=wk1.shape[1], BF=bf, BM=bm,
+                             PREC=precision, **opts)
     bwd_weights, bm, bf, opts = _kernel("bwd_weights", x.device, n, precision)
     splits, rows_per_split = _row_splits(n, uj, hidden, x.device, precision)
     dw1 = torch.empty(splits, *w1.shape, dtype=x.dtype, device=x.device)
@@ -178,9 +187,10 @@ def _glu_stack_bwd(dy: torch.Tensor, x: torch.Tensor, hs: torch.Tensor, ys: torc
     dw3 = torch.empty(splits, *w3.shape, dtype=x.dtype, device=x.device)
     db1 = torch.empty(splits, *b1.shape, dtype=x.dtype, device=x.device)
     db2 = torch.empty_like(db1)
-    bwd_weights[(uj, -(-hidden // bf), splits)](hs, dgout, wk1, wk2, b1, b2, wk3, dw1, dw2, db1, db2, dw3,
-                                               n, rows_per_split, D=d, F=hidden, FA=wk1.shape[1],
-                                               BF=bf, BM=bm, PREC=precision, **opts)
+    with on_device(x):
+        bwd_weights[(uj, -(-hidden // bf), splits)](hs, dgout, wk1, wk2, b1, b2, wk3, dw1, dw2, db1, db2, dw3,
+                                                   n, rows_per_split, D=d, F=hidden, FA=wk1.shape[1],
+                                                   BF=bf, BM=bm, PREC=precision, **opts)
     return [dx, dw1, dw2, db1, db2, dw3, dvec]
 
 

@@ -18,13 +18,15 @@ import os
 
 import torch
 
-from pldr_core.kernels.glu_stack import available
+from pldr_core.kernels.glu_stack import available, on_device
 
 
-def applies(k_cache: torch.Tensor, head_dim: int) -> bool:
-    """CUDA caches (or CPU ones under TRITON_INTERPRET=1), dk a power of two, Triton importable."""
+def applies(k_cache: torch.Tensor, G: torch.Tensor, head_dim: int) -> bool:
+    """CUDA caches (or CPU ones under TRITON_INTERPRET=1), dk a power of two, caches and G small enough
+    for the kernel's 32-bit offsets, Triton importable."""
     on_device = k_cache.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return on_device and head_dim >= 2 and not head_dim & (head_dim - 1) and available()
+    small = k_cache.numel() < 2**31 and G.numel() < 2**31
+    return on_device and small and head_dim >= 2 and not head_dim & (head_dim - 1) and available()
 
 
 @torch.library.custom_op("pldr::decode_qkv", mutates_args=("k_cache", "v_cache"))
@@ -49,12 +51,16 @@ def decode_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: tor
         raise ValueError("decode_qkv: qkv must be [B, 1, 3*H*dk] and the caches share strides")
     if G.stride(-1) != 1 or G.stride(-2) != dk or k_cache.stride(-1) != 1:
         raise ValueError("decode_qkv: G's and the caches' last dimensions must be contiguous")
+    if not applies(k_cache, G, dk):
+        raise ValueError("decode_qkv: needs CUDA tensors (or TRITON_INTERPRET=1), a power-of-two dk and "
+                         "caches and G under 2**31 elements")
     q = torch.empty(B, H, 1, dk, dtype=qkv.dtype, device=qkv.device)
     acc = _kv_triton.tl.float64 if k_cache.dtype == torch.float64 else _kv_triton.tl.float32
-    _kv_triton._decode_qkv[(B * H,)](
-        qkv, cos.contiguous(), sin.contiguous(), pos, G, k_cache, v_cache, q, layer, H, qkv.stride(0),
-        G.stride(0), G.stride(1), G.stride(2), *k_cache.stride()[:4],
-        D=dk, INTERLEAVED=interleaved, ACC=acc)
+    with on_device(qkv):
+        _kv_triton._decode_qkv[(B * H,)](
+            qkv, cos.contiguous(), sin.contiguous(), pos, G, k_cache, v_cache, q, layer, H, qkv.stride(0),
+            G.stride(0), G.stride(1), G.stride(2), *k_cache.stride()[:4],
+            D=dk, INTERLEAVED=interleaved, ACC=acc)
     return q
 
 
