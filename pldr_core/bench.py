@@ -244,7 +244,7 @@ def bench_decode(config: PLDRConfig, dev: torch.device, *, batches: list[int], p
                 eng.generate(prompt, min(new_tokens, 8))
                 _sync(dev)
                 built[name] = eng
-                row["engine"][name] = {"warmup_s": time.perf_counter() - t0}
+                row["engine"][name] = {"warmup_s": time.perf_counter() - t0, "kernel": eng.kernel}
             # One generate lasts ~0.1 s on a GPU, so single timings moved ratios by several percent
             # between runs: the engines take turns, and each figure is the median of its turns.
             runs: dict[str, list[dict]] = {name: [] for name in built}

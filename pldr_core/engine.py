@@ -52,7 +52,7 @@ class _StepModule(nn.Module):
     multiplying the new key with torch ops, still 76 (a rotary kernel and a product-and-write kernel
     per layer); with ``kernel`` (``pldr_core.kernels.kv_write.decode_qkv``), 71, busy 300 us against
     297. Timed in turns in one run (batch 16, G-cache file): 0.89x identity-G's tokens/s with the torch
-    ops, 0.99x with the kernel.
+    ops, 0.99x with the kernel (the torch ops had given 0.943x in an earlier ``pldr bench`` run).
     """
 
     def __init__(self, model, kv: KVCache, G: torch.Tensor | None, use_metric: bool, kernel: bool):
@@ -187,8 +187,8 @@ class DecodeEngine:
         fits = G is not None and kv_write.applies(self.kv.k, G, cfg.head_dim)
         if kernel == "triton" and not fits:
             raise PLDRError("the Triton decode kernel needs a fixed G_LM (a G-cache or a frozen G), a "
-                            "power-of-two head size, a KV-cache under 2**31 elements, and CUDA (or "
-                            "TRITON_INTERPRET=1)")
+                            "power-of-two head size up to 128, a KV-cache and G under 2**31 elements, "
+                            "Triton, and CUDA (or TRITON_INTERPRET=1)")
         auto = kernel == "auto" and self.device.type == "cuda"
         self.kernel = "triton" if fits and (kernel == "triton" or auto) else "torch"
         self._step = _StepModule(model, self.kv, G, use_metric=learned and g_source == "none",
@@ -211,13 +211,16 @@ class DecodeEngine:
         self._logits, self._next = self._run(self._tok, self._pos)
 
     def _capture(self) -> None:
-        # Warm up (compiles) on a side stream, then capture one step. The warm-up writes k/v at the
-        # current and next positions; both are rewritten by the real steps before any query sees them.
+        # Warm up (compiles) on a side stream, then capture one step. Every one of them runs at the
+        # current position (each step advances it, so it is reset before each): they write k/v only
+        # there, which the real step rewrites before any query sees it, and never past the cache
+        # (a first step at the last position would otherwise warm up one position beyond it).
         pos = self._pos.clone()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
+                self._pos.copy_(pos)
                 self._body()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self._pos.copy_(pos)

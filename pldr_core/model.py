@@ -203,7 +203,7 @@ def dag_terms(deductive: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     if not tensors:
         return {}
     if len({M.shape for _, M in tensors}) == 1:
-        per_layer = _dag_values(torch.stack([M for _, M in tensors])).flatten(1).mean(1)
+        per_layer = _dag_values(torch.stack([M for _, M in tensors])).reshape(len(tensors), -1).mean(1)
     else:
         per_layer = torch.stack([dag_loss_term(M) for _, M in tensors])
     out = {}

@@ -156,6 +156,10 @@ def test_dag_terms_are_the_layer_mean_of_dag_loss_term_with_its_gradient(same_sh
     assert list(got) == ["A_LM", "A_P", "G_LM"]
     for k in got:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=0)
+    if same_shapes:  # one [dk, dk] matrix per tensor works as it did per layer
+        flat = [{k: d[k][0, 0] for k in d} for d in layers]
+        torch.testing.assert_close(dag_terms(flat)["G_LM"],
+                                   torch.stack([dag_loss_term(d["G_LM"]) for d in flat]).mean())
     inputs = [d[k] for d in layers for k in ("A_LM", "A_P", "G_LM")]
     g_got = torch.autograd.grad(sum(got.values()), inputs)
     g_want = torch.autograd.grad(sum(want.values()), inputs)

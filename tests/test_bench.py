@@ -39,6 +39,7 @@ def test_run_bench_reports_every_figure():
         assert all(_positive(v["tokens_per_s"]) for v in row["eager"].values())
         # fp32 on CPU: KV alone and KV+G (prefill) decode the same greedy tokens.
         assert all(row["engine"][k]["same_tokens_as_first"] for k in ("kv", "kv_g_prefill"))
+        assert all(v["kernel"] == "torch" for v in row["engine"].values())  # Triton's is CUDA-only
         for v in row["engine"].values():  # the median of interleaved turns
             assert len(v["runs_tokens_per_s"]) == d["engine_repeats"] == 2
             assert min(v["runs_tokens_per_s"]) <= v["tokens_per_s"] <= max(v["runs_tokens_per_s"])

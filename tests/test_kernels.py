@@ -282,14 +282,16 @@ def _cache_kwargs(model, prompt, g_source):
     return {"g_cache": g_source == "prefill"}, {}
 
 
-@pytest.mark.parametrize("g_mode,g_source,kernel", [
-    ("learned", "prefill", "torch"), ("learned", "file", "torch"), ("learned", "none", "auto"),
-    ("identity", "none", "auto"), ("random", "none", "torch"),
-    # The Triton key/value kernel (pldr_core.kernels.kv_write) in Triton's interpreter, float64.
-    ("learned", "prefill", "triton"), ("learned", "file", "triton"), ("random", "none", "triton"),
+@pytest.mark.parametrize("g_mode,g_source,kernel,rope", [
+    ("learned", "prefill", "torch", "interleaved"), ("learned", "file", "torch", "interleaved"),
+    ("learned", "none", "auto", "interleaved"), ("identity", "none", "auto", "interleaved"),
+    ("random", "none", "torch", "interleaved"),
+    # The Triton q|k|v kernel (pldr_core.kernels.kv_write) in Triton's interpreter, float64.
+    ("learned", "prefill", "triton", "interleaved"), ("learned", "file", "triton", "interleaved"),
+    ("random", "none", "triton", "interleaved"), ("learned", "file", "triton", "half"),
 ])
-def test_engine_matches_decode_steps(g_mode, g_source, kernel):
-    model = tiny_model(g_mode)
+def test_engine_matches_decode_steps(g_mode, g_source, kernel, rope):
+    model = tiny_model(g_mode, rope_style=rope)
     prompt = torch.randint(4, 64, (3, 5), generator=torch.Generator().manual_seed(1))
     kw, ekw = _cache_kwargs(model, prompt, g_source)
     ref = list(decode_steps(model, prompt, 9, kv_cache=True, **kw))
@@ -311,8 +313,8 @@ def test_engine_matches_decode_steps(g_mode, g_source, kernel):
 @pytest.mark.parametrize("style", ["interleaved", "half"])
 def test_decode_qkv_kernel_equals_rope_then_g_k(dtype, style):
     # The kernel against the torch ops it replaces, at a mid-cache position of a middle layer, with a
-    # G that is a strided view (the engine's file G may be one) and rows other than the written
-    # position left as they were.
+    # G shared by the rows through a zero stride (the kernel takes any strides outside G's last two
+    # dims), and every cache entry other than the written one left as it was.
     from pldr_core.attention import apply_rope, rope_angles
     from pldr_core.kernels.kv_write import decode_qkv
 
@@ -333,6 +335,14 @@ def test_decode_qkv_kernel_equals_rope_then_g_k(dtype, style):
     torch.testing.assert_close(q, apply_rope(q_ref, c, s, style), **tol)
     torch.testing.assert_close(k_cache, k_ref, **tol)
     assert torch.equal(v_cache, v_ref)
+    # Inputs that do not fit the caches are refused, not read or written out of place.
+    k_ref = k_cache.clone()
+    for bad in (dict(G=G[:, :1]), dict(qkv=qkv[:1]), dict(layer=3), dict(v_cache=v_cache[:, :, :, :5])):
+        args = dict(qkv=qkv, cos=cos, sin=sin, pos=torch.tensor([p]), G=G, k_cache=k_cache,
+                    v_cache=v_cache, layer=1, interleaved=True)
+        with pytest.raises(ValueError, match="decode_qkv"):
+            decode_qkv(**{**args, **bad})
+    assert torch.equal(k_cache, k_ref)
 
 
 def test_decode_qkv_kernel_only_where_it_applies():
@@ -342,7 +352,7 @@ def test_decode_qkv_kernel_only_where_it_applies():
 
     small, G = torch.empty(2, 1, 2, 8, 16), torch.empty(2, 1, 2, 16, 16)
     assert applies(small, G, 16)
-    assert not applies(small, G, 12)
+    assert not applies(small, G, 12) and not applies(small, G, 256)
     assert not applies(torch.empty(2**31, device="meta"), G, 16)
     assert not applies(small, torch.empty(2**31, device="meta"), 16)
     model = tiny_model("learned", d_model=24, num_heads=2)  # dk 12
@@ -448,6 +458,28 @@ def test_compiled_bf16_engine_with_the_kernel_is_as_accurate_as_eager_on_gpu(g_m
     engine, err_engine, err_eager = _bf16_engine_errors(g_mode, g_source, "cuda", compile=True)
     assert engine.kernel == "triton"
     assert 0 < err_engine <= 1.1 * err_eager, (err_engine, err_eager)
+
+
+@gpu
+@needs_cuda
+def test_compiled_engine_first_step_at_the_last_position_keeps_the_cache_on_gpu():
+    # Capturing the CUDA graph warms the step up first; at the cache's last position that must not
+    # write past it (the kernel does not check the position) or anywhere but that position.
+    from pldr_core.config import preset
+    from pldr_core.init import build_model
+
+    model = build_model(preset("small", g_mode="learned"), seed=0).cuda().eval()
+    prompt = torch.randint(4, 8000, (2, 7), generator=torch.Generator().manual_seed(0)).cuda()
+    engine = DecodeEngine(model, batch=2, max_len=8, g_source="prefill", compile=True)
+    assert engine.kernel == "triton"
+    logits = engine.prefill(prompt)
+    k, v = engine.kv.k.clone(), engine.kv.v.clone()
+    got = engine.step(logits.argmax(-1), 7)
+    assert torch.equal(engine.kv.k[:, :, :, :7], k[:, :, :, :7])
+    assert torch.equal(engine.kv.v[:, :, :, :7], v[:, :, :, :7])
+    ref = DecodeEngine(model, batch=2, max_len=8, g_source="prefill")
+    ref.prefill(prompt)
+    torch.testing.assert_close(got, ref.step(logits.argmax(-1), 7), rtol=1e-4, atol=1e-4)
 
 
 @gpu

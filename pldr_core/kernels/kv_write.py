@@ -22,11 +22,12 @@ from pldr_core.kernels.glu_stack import available, on_device
 
 
 def applies(k_cache: torch.Tensor, G: torch.Tensor, head_dim: int) -> bool:
-    """CUDA caches (or CPU ones under TRITON_INTERPRET=1), dk a power of two, caches and G small enough
-    for the kernel's 32-bit offsets, Triton importable."""
+    """CUDA caches (or CPU ones under TRITON_INTERPRET=1), dk a power of two up to 128 (a program holds
+    a dk x dk tile of G), caches and G small enough for the kernel's 32-bit offsets, Triton importable."""
     on_device = k_cache.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     small = k_cache.numel() < 2**31 and G.numel() < 2**31
-    return on_device and small and head_dim >= 2 and not head_dim & (head_dim - 1) and available()
+    dk_fits = 2 <= head_dim <= 128 and not head_dim & (head_dim - 1)
+    return on_device and small and dk_fits and available()
 
 
 @torch.library.custom_op("pldr::decode_qkv", mutates_args=("k_cache", "v_cache"))
@@ -47,13 +48,20 @@ def decode_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: tor
     from pldr_core.kernels import _kv_triton
 
     L, B, H, T, dk = k_cache.shape
-    if qkv.shape[-1] != 3 * H * dk or qkv.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
-        raise ValueError("decode_qkv: qkv must be [B, 1, 3*H*dk] and the caches share strides")
+    if qkv.shape != (B, 1, 3 * H * dk) or qkv.stride(-1) != 1:
+        raise ValueError(f"decode_qkv: qkv must be [{B}, 1, {3 * H * dk}] with unit last stride, got "
+                         f"{list(qkv.shape)}")
+    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
+        raise ValueError("decode_qkv: the two caches must have one shape and one set of strides")
+    if G.shape != (L, B, H, dk, dk) or cos.shape != sin.shape or cos.shape[1:] != (dk // 2,):
+        raise ValueError(f"decode_qkv: G must be [{L}, {B}, {H}, {dk}, {dk}] and cos/sin [T, {dk // 2}]")
+    if not 0 <= layer < L:
+        raise ValueError(f"decode_qkv: layer {layer} is outside the caches' {L} layers")
     if G.stride(-1) != 1 or G.stride(-2) != dk or k_cache.stride(-1) != 1:
         raise ValueError("decode_qkv: G's and the caches' last dimensions must be contiguous")
     if not applies(k_cache, G, dk):
-        raise ValueError("decode_qkv: needs CUDA tensors (or TRITON_INTERPRET=1), a power-of-two dk and "
-                         "caches and G under 2**31 elements")
+        raise ValueError("decode_qkv: needs CUDA tensors (or TRITON_INTERPRET=1), a power-of-two dk up "
+                         "to 128, and caches and G under 2**31 elements")
     q = torch.empty(B, H, 1, dk, dtype=qkv.dtype, device=qkv.device)
     acc = _kv_triton.tl.float64 if k_cache.dtype == torch.float64 else _kv_triton.tl.float32
     with on_device(qkv):
