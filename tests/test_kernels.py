@@ -345,6 +345,20 @@ def test_decode_qkv_kernel_equals_rope_then_g_k(dtype, style):
     assert torch.equal(k_cache, k_ref)
 
 
+def test_compiled_engine_with_the_kernel_matches_decode_steps():
+    # Under torch.compile the op runs through its fake implementation and in-place mutation of the
+    # caches (Triton's interpreter on CPU): the same tokens and, in float64, the same logits.
+    model = tiny_model("learned")
+    prompt = torch.randint(4, 64, (3, 5), generator=torch.Generator().manual_seed(1))
+    kw, ekw = _cache_kwargs(model, prompt, "file")
+    ref = list(decode_steps(model, prompt, 6, kv_cache=True, **kw))
+    engine = DecodeEngine(model, batch=3, max_len=12, g_source="file", kernel="triton", compile=True, **ekw)
+    got = list(engine.steps(prompt, 6))
+    assert torch.equal(torch.stack([s.token for s in got], 1), torch.stack([s.token for s in ref], 1))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-10)
+
+
 def test_decode_qkv_kernel_only_where_it_applies():
     # Power-of-two dk and 32-bit offsets; elsewhere the engine keeps its torch ops, and asking for the
     # kernel is an error.
