@@ -33,10 +33,9 @@ from pldr_core.attention import apply_rope, rope_angles
 from pldr_core.cache import GCache, KVCache
 from pldr_core.errors import PLDRError
 from pldr_core.generate import Step, greedy
-from pldr_core.kernels import kv_write
+from pldr_core.kernels import KERNELS, kv_write
 
 G_SOURCES = ("file", "prefill", "none")
-KERNELS = ("auto", "triton", "torch")
 
 
 class _StepModule(nn.Module):
@@ -87,8 +86,9 @@ class _StepModule(nn.Module):
         H, dk = self.H, self.dk
         x = m.decoder.embedding(token[:, None]) * math.sqrt(self.d)
         x = m.decoder.layernorm1(x)
-        cos = self.cos.index_select(0, pos)[None, None]  # [1, 1, 1, dk/2]
-        sin = self.sin.index_select(0, pos)[None, None]
+        if not self.kernel:  # the kernel reads the tables at pos itself
+            cos = self.cos.index_select(0, pos)[None, None]  # [1, 1, 1, dk/2]
+            sin = self.sin.index_select(0, pos)[None, None]
         mask = (self.keys <= pos)[None, None, None, :]   # [1, 1, 1, T]
         for i, layer in enumerate(m.decoder.dec_layers):
             a = layer.mha1

@@ -86,9 +86,7 @@ class _Gram(torch.autograd.Function):
 def _gram_kernel_applies(q: torch.Tensor) -> bool:
     """bf16 q with dk a power of two from 16 (a matmul tile) to 128 (dk 256 needs more shared memory
     than a Hopper block has) and int32 offsets; Triton available."""
-    dk = q.shape[-1]
-    return (q.dtype == torch.bfloat16 and 16 <= dk <= 128 and not dk & (dk - 1) and q.numel() < 2**31
-            and glu_stack.available())
+    return q.dtype == torch.bfloat16 and glu_stack.fits(q.shape[-1], q, smallest=16)
 
 
 _GRAM_ROWS = 128  # positions per program of the kernel below

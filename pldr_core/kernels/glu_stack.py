@@ -82,6 +82,14 @@ def available() -> bool:
     return True
 
 
+def fits(head_dim: int, *tensors: torch.Tensor, smallest: int = 2) -> bool:
+    """Whether a kernel of this package that holds dk x dk tiles takes these: dk a power of two from
+    ``smallest`` to 128 (larger tiles outgrow a Hopper block's registers and shared memory), every
+    tensor under 2**31 elements (the kernels' offsets are 32-bit), and Triton importable."""
+    power_of_two = smallest <= head_dim <= 128 and not head_dim & (head_dim - 1)
+    return power_of_two and all(t.numel() < 2**31 for t in tensors) and available()
+
+
 def on_device(t: torch.Tensor):
     """Context for launching a Triton kernel on ``t``: Triton launches on the current CUDA device, which
     need not be the tensors' (a model on ``cuda:1``); a no-op for CPU tensors (the interpreter)."""

@@ -18,16 +18,14 @@ import os
 
 import torch
 
-from pldr_core.kernels.glu_stack import available, on_device
+from pldr_core.kernels.glu_stack import fits, on_device
 
 
 def applies(k_cache: torch.Tensor, G: torch.Tensor, head_dim: int) -> bool:
-    """CUDA caches (or CPU ones under TRITON_INTERPRET=1), dk a power of two up to 128 (a program holds
-    a dk x dk tile of G), caches and G small enough for the kernel's 32-bit offsets, Triton importable."""
-    on_device = k_cache.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    small = k_cache.numel() < 2**31 and G.numel() < 2**31
-    dk_fits = 2 <= head_dim <= 128 and not head_dim & (head_dim - 1)
-    return on_device and small and dk_fits and available()
+    """CUDA caches (or CPU ones under TRITON_INTERPRET=1) that the kernel fits (``glu_stack.fits``: a
+    program holds a dk x dk tile of G)."""
+    runs_here = k_cache.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return runs_here and fits(head_dim, k_cache, G)
 
 
 @torch.library.custom_op("pldr::decode_qkv", mutates_args=("k_cache", "v_cache"))
