@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 # Order here is the order in --help.
-COMMANDS = ("init", "info", "tokenize", "pretrain", "export_gcache", "generate", "eval", "inspect",
+COMMANDS = ("init_model", "info", "tokenize", "pretrain", "export_gcache", "generate", "eval", "deductive",
             "bench")
 
 

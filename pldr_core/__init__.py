@@ -11,9 +11,8 @@ The small public API for scripts::
 Everything heavy (torch) is imported lazily so that ``import pldr_core`` stays cheap.
 """
 
+from pldr_core._version import __version__
 from pldr_core.errors import PLDRError
-
-__version__ = "0.1.0"
 
 __all__ = ["PLDRError", "__version__", "load_model", "PLDRConfig", "PLDRModel"]
 

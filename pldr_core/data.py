@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pldr_core.corpus import iter_embedded_documents
 from pldr_core.errors import PLDRError
-from pldr_core.tokenizer import TOKENIZER_FILE
+from pldr_core.files import atomic_dir
+from pldr_core.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 
 META_FILE = "meta.json"
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -113,7 +115,6 @@ def load_documents(sources: list[Source], *, text_column: str = "text", cache_di
     for src in sources:
         try:
             if src.kind == "embedded":
-                from pldr_core.corpus import iter_embedded_documents
 
                 ds = datasets.Dataset.from_list(
                     [{"text": d["text"]} for d in iter_embedded_documents()])
@@ -258,8 +259,6 @@ def tokenize_corpus(inputs: list[str], out: str | Path, *, vocab_size: int = 320
 
     The folder is written atomically; on any error nothing is left at ``out``. Returns meta.json.
     """
-    from pldr_core.io import atomic_dir
-    from pldr_core.tokenizer import Tokenizer, train_tokenizer
 
     if seq_len < 2:
         raise PLDRError(f"--seq-len must be at least 2, got {seq_len}")

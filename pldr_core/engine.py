@@ -31,8 +31,9 @@ from torch import nn
 
 from pldr_core.attention import apply_rope, rope_angles
 from pldr_core.cache import GCache, KVCache
+from pldr_core.config import GMode
 from pldr_core.errors import PLDRError
-from pldr_core.generate import Step, greedy
+from pldr_core.sampling import Step, greedy
 from pldr_core.kernels import KERNELS, kv_write
 
 G_SOURCES = ("file", "prefill", "none")
@@ -162,7 +163,7 @@ class DecodeEngine:
             raise PLDRError("g_source 'file' needs a G-cache (read_gcache(path, model))")
         if g_source != "file" and g_cache is not None:
             raise PLDRError("a g_cache is only used with g_source 'file'")
-        if cfg.g_mode == "identity" and g_source == "file":
+        if cfg.g_mode is GMode.IDENTITY and g_source == "file":
             raise PLDRError("an identity-G model has no G-cache to load")
         self.model = model
         self.batch, self.max_len = batch, max_len
@@ -171,7 +172,7 @@ class DecodeEngine:
         self.kv = KVCache.for_model(model, batch, max_len)
         G = None
         self._gc = None
-        if cfg.g_mode in ("random", "fixed"):
+        if cfg.has_frozen_g:
             # A frozen G_LM is part of the weights: hold it in the same static buffer.
             G = torch.stack([l.mha1.G_LM for l in model.decoder.dec_layers])[:, None]
             G = G.expand(-1, batch, -1, -1, -1).to(self.dtype).contiguous()

@@ -27,6 +27,7 @@ import difflib
 import json
 import logging
 import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,8 +38,15 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from pldr_core.cache import GCache
+from pldr_core.checkpoint import detect_layout, load_model
 from pldr_core.device import resolve_device
 from pldr_core.errors import PLDRError
+from pldr_core.gcache import read_gcache
+from pldr_core.generate import decode_steps
+from pldr_core.sampling import Sampler, greedy
+from pldr_core.tasks import expand_tasks, plan_tasks
+from pldr_core.tokenizer import Tokenizer, tokenizer_for
 
 Progress = Callable[[int, int, str], None]
 """progress(advance, total, description): called as windows/requests finish."""
@@ -47,7 +55,6 @@ Progress = Callable[[int, int, str], None]
 
 
 def load_tokenizer(model_path: str | Path, tokenizer: str | Path | None = None):
-    from pldr_core.tokenizer import tokenizer_for
 
     return tokenizer_for(model_path, tokenizer, missing="evaluation needs the model's SentencePiece "
                          "tokenizer (put it there, or make the model with `pldr init --tokenizer FILE`)")
@@ -79,10 +86,6 @@ class PLDRLM(TemplateLM):
                  device: str | None = None, max_length: int | None = None,
                  progress: Progress | None = None, **_ignored):
         super().__init__()
-        from pldr_core.cache import GCache
-        from pldr_core.checkpoint import load_model
-        from pldr_core.gcache import read_gcache
-        from pldr_core.tokenizer import Tokenizer
 
         if model is None:
             if pretrained is None:
@@ -235,7 +238,6 @@ class PLDRLM(TemplateLM):
                      temperature: float = 0.0, **_ignored) -> str:
         """Decode greedily (or sample at ``temperature``) with the KV-cache until EOS, a stop string
         or ``max_gen_toks``; the text is cut before the first stop string."""
-        from pldr_core.generate import Sampler, decode_steps, greedy
 
         stops = [until] if isinstance(until, str) else list(until or [])
         stops = [s for s in stops if s]
@@ -323,7 +325,6 @@ def _offline_env(on: bool):
 def _quiet_git_hash():
     """lm-eval records ``git describe`` of the current directory and lets git print "fatal: not a git
     repository" when there is none; ask git the same question with its stderr silenced."""
-    import subprocess
 
     import lm_eval.evaluator as ev
 
@@ -405,9 +406,6 @@ def run_eval(model_path: str | Path, tasks: str | list[str], *, gcache: str | Pa
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from pldr_core.checkpoint import detect_layout, load_model
-    from pldr_core.gcache import read_gcache
-    from pldr_core.tasks import expand_tasks, plan_tasks
 
     if gcache is not None and compare_gcache is not None:
         raise PLDRError("--gcache and --compare-gcache exclude each other (compare scores both ways)")

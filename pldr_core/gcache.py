@@ -9,12 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from pldr_core import __version__
+from pldr_core._version import __version__
 from pldr_core.attention import metric_dtype
 from pldr_core.cache import GCache
+from pldr_core.checkpoint import fingerprint
 from pldr_core.errors import PLDRError
-from pldr_core.io import atomic_path
+from pldr_core.files import atomic_path
 
 FORMAT = "pldr-gcache"
 FORMAT_VERSION = "1"
@@ -23,7 +26,6 @@ FORMAT_VERSION = "1"
 def write_gcache(path: str | Path, A_LM: torch.Tensor, G_LM: torch.Tensor, *, fingerprint: str,
                  how: dict | None = None) -> Path:
     """Write [L, H, dk, dk] A_LM and G_LM with their metadata, atomically."""
-    from safetensors.torch import save_file
 
     if A_LM.shape != G_LM.shape or G_LM.dim() != 4:
         raise PLDRError("A_LM and G_LM must both be [L, H, dk, dk]")
@@ -59,7 +61,6 @@ def read_gcache(path: str | Path, model=None, *, force: bool = False) -> GCache:
     With ``model`` given, shapes must match it, and so must the fingerprint unless ``force`` (a
     same-shape foreign G, for transfer experiments).
     """
-    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -90,7 +91,6 @@ def read_gcache(path: str | Path, model=None, *, force: bool = False) -> GCache:
 
 
 def check_gcache_fits(meta: dict, model, path, *, force: bool = False) -> None:
-    from pldr_core.checkpoint import fingerprint
 
     cfg = model.config
     want = (cfg.num_layers, cfg.num_heads, cfg.head_dim)
@@ -170,7 +170,6 @@ def export_gcache(model, prompts: list[list[int]], out: str | Path, *, reduce: s
     """Run the metric path on ``prompts`` (ids), reduce to one (A_LM, G_LM) per layer ('first': the
     first prompt's; 'mean': the mean over prompts) and write the G-cache file with the model's
     fingerprint. ``labels`` (the prompt texts) go into the file's metadata."""
-    from pldr_core.checkpoint import fingerprint
 
     if reduce not in REDUCTIONS:
         raise PLDRError(f"unknown reduction {reduce!r}; choose first or mean")

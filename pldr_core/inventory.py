@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from pldr_core.checkpoint import detect_layout, load_config, read_meta
+from pldr_core.config import GMode, preset as make_preset
+from pldr_core.model import PLDRModel
 from pldr_core.tokenizer import TOKENIZER_FILE
-from pldr_core.config import preset as make_preset
 
 
 def count_params(config) -> tuple[int, int]:
     """(total, metric path) parameter counts of a config, built on the meta device (no memory)."""
-    import torch
 
-    from pldr_core.model import PLDRModel
 
     with torch.device("meta"):
-        model = PLDRModel(config) if config.g_mode != "random" else PLDRModel(config.replace(g_mode="fixed"))
+        model = PLDRModel(config) if config.g_mode is not GMode.RANDOM else PLDRModel(config.replace(g_mode=GMode.FIXED))
     return model.num_params(), model.num_params(metric_only=True)
 
 
@@ -41,7 +42,7 @@ def describe(*, model: str | Path | None = None, preset: str | None = None, g_mo
         "config": config.to_dict(),
         "params_total": total,
         "params_metric": metric,
-        "g_mode": config.g_mode,
+        "g_mode": config.g_mode.value,
         "rope_style": config.rope_style,
         "files": files,
         "meta": meta,

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pldr_core.attention import GLU, PLGAttention, metric_dtype, rope_tables
+from pldr_core.attention import GLU, LayerDeductive, PLGAttention, metric_dtype, rope_tables
 from pldr_core.cache import GCache, KVCache
-from pldr_core.config import PLDRConfig
+from pldr_core.config import GMode, PLDRConfig
+from pldr_core.errors import PLDRError
 
 
 @dataclass
@@ -23,7 +24,7 @@ class PLDROutput:
 
     logits: torch.Tensor
     """[B, S, V]."""
-    deductive: list[dict[str, torch.Tensor]] | None = None
+    deductive: list[LayerDeductive] | None = None
     """Per layer: A, A_LM, A_P, G_LM ([B, H, dk, dk]; the ones this call computed or used)."""
     attentions: list[torch.Tensor] | None = None
     """Per layer attention weights [B, H, S, T], only on request."""
@@ -71,15 +72,13 @@ class PLDRModel(nn.Module):
                 nn.init.zeros_(module.bias)
             elif hasattr(module, "plgatt_layer") and isinstance(module, PLGAttention):
                 module.plgatt_layer.reset_parameters()
-        if self.config.g_mode == "random":
+        if self.config.g_mode is GMode.RANDOM:
             self.set_fixed_g(random_g(self.config))
 
     def set_fixed_g(self, G_LM: torch.Tensor, A_LM: torch.Tensor | None = None) -> None:
         """Load frozen G_LM (and A_LM) [L, H, dk, dk] into a 'random' or 'fixed' model."""
-        from pldr_core.errors import PLDRError
-
         cfg = self.config
-        if cfg.g_mode not in ("random", "fixed"):
+        if not cfg.has_frozen_g:
             raise PLDRError(f"g_mode {cfg.g_mode!r} has no frozen G_LM to set")
         expected = (cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.head_dim)
         if tuple(G_LM.shape) != expected or (A_LM is not None and tuple(A_LM.shape) != expected):
@@ -190,7 +189,7 @@ def dag_loss_term(M: torch.Tensor) -> torch.Tensor:
     return _dag_values(M).mean()
 
 
-def dag_terms(deductive: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def dag_terms(deductive: list[LayerDeductive]) -> dict[str, torch.Tensor]:
     """The three DAG terms {A_LM, A_P, G_LM} averaged over layers, for the tensors the model has.
 
     Each term is the mean over layers of ``dag_loss_term``. When every tensor has one shape, all of

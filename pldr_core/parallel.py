@@ -13,6 +13,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
@@ -62,7 +70,6 @@ def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     if not d.enabled:
         return model
     if d.device.type == "cuda":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # Parameters stay fp32 (the metric path is fp32 by design); bf16 comes from autocast.
         mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
@@ -70,7 +77,6 @@ def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model)
 
@@ -96,26 +102,22 @@ def barrier(d: Dist) -> None:
 
 
 def state_options(full: bool = True, broadcast: bool = False):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=full, cpu_offload=True, broadcast_from_rank0=broadcast)
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU state dict with plain names; a collective under FSDP2."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(model, options=state_options())
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer) -> dict:
     """Full optimizer state keyed by parameter names; a collective under FSDP2."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer, options=state_options())
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, d: Dist) -> None:
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=state_options())

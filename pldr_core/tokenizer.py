@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import sentencepiece as spm
+
 from pldr_core.errors import PLDRError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -38,7 +40,6 @@ class Tokenizer:
     """A loaded SentencePiece model. ``encode`` appends EOS; ``decode`` drops special ids."""
 
     def __init__(self, path: str | Path):
-        import sentencepiece as spm
 
         path = Path(path)
         if not path.is_file():
@@ -79,7 +80,6 @@ def train_tokenizer(sentences: Iterable[str] | Iterator[str], out_prefix: str | 
 
     ``hard_vocab_limit`` False lets a small corpus yield a smaller vocabulary instead of failing.
     """
-    import sentencepiece as spm
 
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pldr_core import parallel
 from pldr_core.config import PLDRConfig
 from pldr_core.errors import PLDRError
-from pldr_core.io import atomic_write_text
+from pldr_core.files import atomic_write_text
 
 STEP_DIR = re.compile(r"step-(\d{8})$")
 DAG_LOG_EVERY = 10
@@ -257,7 +257,7 @@ def _pretrain(args: TrainArgs, d: parallel.Dist, on_log, on_event) -> TrainResul
     from pldr_core.checkpoint import save_model
     from pldr_core.tokenizer import TOKENIZER_FILE
     from pldr_core.data import RowSampler, TokenData
-    from pldr_core.init import build_model
+    from pldr_core.build import build_model
     from pldr_core.model import dag_terms
 
     _validate(args, d)

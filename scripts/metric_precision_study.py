@@ -59,7 +59,7 @@ import torch.nn.functional as F
 import pldr_core.kernels as K
 from pldr_core.attention import EPS_ADJ
 from pldr_core.config import preset
-from pldr_core.init import build_model
+from pldr_core.build import build_model
 
 MODES = ("fp32", "tf32", "tf32x3", "bf16", "bf16x2")
 GLU_ONLY_MODES = ("bf16",)  # modes the ``glu`` placement takes but ``chain`` and ``a0`` do not

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 from conftest import tiny_model
 from pldr_cli.app import app
 from pldr_core.cache import GCache
-from pldr_core.generate import GenerationStats, Sampler, gcache_fidelity, generate
+from pldr_core.generate import GenerationStats, gcache_fidelity, generate
+from pldr_core.sampling import Sampler
 from pldr_core.model import PLDRModel
 
 TOL = 1e-10

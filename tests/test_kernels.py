@@ -44,7 +44,7 @@ def test_fused_metric_path_matches_eager_values_and_gradients():
 # ---- Triton kernels for the residual GLU stack (run by Triton's interpreter on CPU) ------------------
 def _perturbed_attention(config_name: str, **overrides):
     from pldr_core.config import preset
-    from pldr_core.init import build_model
+    from pldr_core.build import build_model
 
     model = build_model(preset(config_name, g_mode="learned", **overrides), seed=0).float()
     attn = model.decoder.dec_layers[0].mha1
@@ -450,7 +450,7 @@ def test_cast_for_inference_keeps_the_metric_path_fp32():
 @pytest.mark.parametrize("g_source", ["file", "prefill"])
 def test_compiled_engine_matches_eager_on_gpu(g_source):
     from pldr_core.config import preset
-    from pldr_core.init import build_model
+    from pldr_core.build import build_model
 
     model = build_model(preset("small", g_mode="learned"), seed=0).cuda().eval()
     prompt = torch.randint(4, 8000, (4, 16), generator=torch.Generator().manual_seed(0)).cuda()
@@ -480,7 +480,7 @@ def test_compiled_engine_first_step_at_the_last_position_keeps_the_cache_on_gpu(
     # Capturing the CUDA graph warms the step up first; at the cache's last position that must not
     # write past it (the kernel does not check the position) or anywhere but that position.
     from pldr_core.config import preset
-    from pldr_core.init import build_model
+    from pldr_core.build import build_model
 
     model = build_model(preset("small", g_mode="learned"), seed=0).cuda().eval()
     prompt = torch.randint(4, 8000, (2, 7), generator=torch.Generator().manual_seed(0)).cuda()
@@ -500,7 +500,7 @@ def test_compiled_engine_first_step_at_the_last_position_keeps_the_cache_on_gpu(
 @needs_cuda
 def test_fused_compiled_gradients_match_eager_on_gpu():
     from pldr_core.config import preset
-    from pldr_core.init import build_model
+    from pldr_core.build import build_model
 
     # float64 so that the comparison pins the maths, not rounding.
     ref = build_model(preset("small", g_mode="learned"), seed=0).cuda().double().train()
@@ -518,7 +518,7 @@ def test_fused_compiled_gradients_match_eager_on_gpu():
 @needs_cuda
 def test_triton_kernels_compiled_are_as_accurate_as_eager_on_gpu():
     from pldr_core.config import preset
-    from pldr_core.init import build_model
+    from pldr_core.build import build_model
 
     exact = build_model(preset("small", g_mode="learned"), seed=0).cuda().double().train()
     eager = copy.deepcopy(exact).float()

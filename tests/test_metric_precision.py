@@ -30,7 +30,7 @@ import torch
 from conftest import load_script
 import pldr_core.kernels as K
 from pldr_core.config import preset
-from pldr_core.init import build_model
+from pldr_core.build import build_model
 
 
 study = load_script("metric_precision_study")

@@ -69,7 +69,7 @@ def bench(
                        compile=compile, decode_batch=decode_batch, prompt_len=prompt_len,
                        new_tokens=new_tokens, eager_decode=eager_decode, repeats=repeats, log=log)
     if json_file is not None:
-        from pldr_core.io import atomic_write_text
+        from pldr_core.files import atomic_write_text
 
         atomic_write_text(json_file, json.dumps(result, indent=2) + "\n")
     _render(result)

@@ -98,7 +98,7 @@ def eval_cmd(
     # lm-eval and datasets draw tqdm bars of their own; ours (or plain lines) replace them
     os.environ.setdefault("TQDM_DISABLE", "1")
     from pldr_core.evaluate import results_json, run_eval, score_rows
-    from pldr_core.io import atomic_write_text
+    from pldr_core.files import atomic_write_text
 
     con = console()
     err = console(stderr=True)

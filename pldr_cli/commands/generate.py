@@ -68,7 +68,8 @@ def generate(
                                   "on CPU (there it runs uncompiled). Ignored with --no-kv-cache."),
 ) -> None:
     from pldr_core.checkpoint import load_config
-    from pldr_core.generate import (GenerationStats, Sampler, continuation_text, encode_prompt,
+    from pldr_core.sampling import Sampler
+    from pldr_core.generate import (GenerationStats, continuation_text, encode_prompt,
                                     find_tokenizer, gcache_fidelity, load_for_generation,
                                     parse_token_ids, read_prompts_file)
     from pldr_core.device import resolve_dtype

@@ -174,7 +174,7 @@ def enable_fused(model, *, kernel: str = "auto", precision: str = "ieee") -> int
         kernel = "torch"  # CPU-only torch builds come without Triton
     n = 0
     for module in model.modules():
-        if isinstance(module, PLGAttention) and module.g_mode == "learned":
+        if isinstance(module, PLGAttention) and module.g_mode.has_metric_path:
             module.__class__ = FusedPLGAttention
             module.plgatt_layer.__class__ = FusedPLGAParams
             module.metric_kernel, module.metric_precision = kernel, precision

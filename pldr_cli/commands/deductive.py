@@ -69,7 +69,7 @@ def inspect_deductive(
 ) -> None:
     import torch
 
-    from pldr_core import inspect as lib
+    from pldr_core import deductive as lib
     from pldr_core.checkpoint import load_config, load_model
     from pldr_core.errors import PLDRError
 
@@ -143,7 +143,7 @@ def inspect_deductive(
 def _render(report: dict, written: list) -> None:
     from rich.table import Table
 
-    from pldr_core.inspect import summary_rows
+    from pldr_core.deductive import summary_rows
 
     c = console()
     c.soft_wrap = True

@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pldr_core.errors import PLDRError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -72,8 +74,6 @@ def atomic_dir(path: Path):
 
 def read_text_lines(path, what: str = "file") -> list[str]:
     """The lines of a UTF-8 text file; PLDRError (naming ``what``) when missing or unreadable."""
-    from pldr_core.errors import PLDRError
-
     path = Path(path)
     if not path.is_file():
         raise PLDRError(f"{what} not found: {path}")

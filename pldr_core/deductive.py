@@ -19,12 +19,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from pldr_core.cache import GCache, KVCache
+from pldr_core.config import GMode
 from pldr_core.errors import PLDRError
+from pldr_core.files import atomic_path, atomic_write_text, read_text_lines
 from pldr_core.generate import decode_steps
-from pldr_core.io import read_text_lines
 from pldr_core.model import dag_loss_term
 
 STAT_TENSORS = ("A_LM", "A_P", "G_LM")
@@ -94,7 +97,6 @@ def collect_prompts(*, eos_id: int, tokenizer=None, prompts: list[str] | None = 
 
 def _data_rows(data_dir: Path, samples: int, seed: int) -> list[Prompt]:
     """``samples`` rows of a token data folder (meta.json with seq_len and dtype; val.bin, train.bin)."""
-    import numpy as np
 
     meta_file = data_dir / "meta.json"
     if not meta_file.is_file():
@@ -206,11 +208,11 @@ def inspect_deductive(model, prompts: list[Prompt], *, gcache: GCache | None = N
     device = next(model.parameters()).device
     metric = cfg.has_metric_path
     notes: list[str] = []
-    if cfg.g_mode == "identity":
+    if cfg.g_mode is GMode.IDENTITY:
         notes.append("g_mode identity: G_LM = I by construction (plain SDPA); A_LM and A_P do not "
                      "exist, so only G_LM is reported and the G-cache does not apply")
     elif not metric:
-        have = "G_LM and A_LM are" if cfg.g_mode == "fixed" else "G_LM is"
+        have = "G_LM and A_LM are" if cfg.g_mode is GMode.FIXED else "G_LM is"
         notes.append(f"g_mode {cfg.g_mode}: no metric path; G_LM is a frozen tensor, so only {have} "
                      "reported; A_P and the G-cache do not apply")
     if gcache is not None and not metric:
@@ -263,7 +265,7 @@ def inspect_deductive(model, prompts: list[Prompt], *, gcache: GCache | None = N
 
     un = _deductive_stack(uncached, L)
     ca = _deductive_stack(cached, L)
-    if cfg.g_mode == "identity":
+    if cfg.g_mode is GMode.IDENTITY:
         eye = torch.eye(dk, dtype=torch.float64).expand(len(prompts), H, dk, dk).clone()
         for i in range(L):
             un[(i, "G_LM")] = eye
@@ -345,7 +347,7 @@ def inspect_deductive(model, prompts: list[Prompt], *, gcache: GCache | None = N
     }
     dag_terms = {nm: float(torch.tensor([lay[nm]["dag"] for lay in layers]).mean()) for nm in names}
     report = {
-        "g_mode": cfg.g_mode,
+        "g_mode": cfg.g_mode.value,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "shape": {"num_layers": L, "num_heads": H, "head_dim": dk},
         "tensors": names,
@@ -416,7 +418,6 @@ def summary_rows(report: dict) -> list[dict]:
 
 
 def write_json(path: str | Path, report: dict) -> Path:
-    from pldr_core.io import atomic_write_text
 
     path = Path(path)
     atomic_write_text(path, json.dumps(_finite(report), indent=1, allow_nan=False) + "\n")
@@ -436,9 +437,7 @@ def _finite(obj):
 
 def write_dump(path: str | Path, result: InspectResult) -> Path:
     """The tensors as safetensors (atomic), with the prompts and g_mode as metadata."""
-    from safetensors.torch import save_file
 
-    from pldr_core.io import atomic_path
 
     path = Path(path)
     meta = {"format": "pldr-inspect", "g_mode": result.report["g_mode"],
@@ -458,7 +457,6 @@ def write_plots(out_dir: str | Path, result: InspectResult) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pldr_core.io import atomic_path
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,23 +7,25 @@ from pathlib import Path
 import torch
 
 from pldr_core.checkpoint import save_model
-from pldr_core.config import PLDRConfig, preset as make_preset
+from pldr_core.config import GMode, PLDRConfig
+from pldr_core.config import preset as make_preset
 from pldr_core.errors import PLDRError
+from pldr_core.gcache import read_gcache
 from pldr_core.model import PLDRModel
+from pldr_core.tokenizer import Tokenizer
 
 
 def build_model(config: PLDRConfig, *, seed: int = 0, g_file: str | Path | None = None) -> PLDRModel:
     """A randomly initialised model; g_mode 'fixed' takes its frozen G_LM from ``g_file``."""
-    if config.g_mode == "fixed" and g_file is None:
+    if config.g_mode is GMode.FIXED and g_file is None:
         raise PLDRError("g_mode fixed needs a G-cache file (--g-file), e.g. from `pldr export-gcache`")
-    if g_file is not None and config.g_mode != "fixed":
+    if g_file is not None and config.g_mode is not GMode.FIXED:
         raise PLDRError("--g-file is only used with --g-mode fixed")
     torch.manual_seed(seed)
     if g_file is not None:
         config = config.replace(g_source=str(g_file))
     model = PLDRModel(config)
     if g_file is not None:
-        from pldr_core.gcache import read_gcache
 
         gc = read_gcache(g_file)
         model.set_fixed_g(gc.G_LM[:, 0], gc.A_LM[:, 0])
@@ -34,7 +36,6 @@ def init_model_dir(*, preset: str, out: str | Path, g_mode: str = "learned", g_f
                    tokenizer=None, vocab_size: int | None = None, seed: int = 0):
     overrides = {"g_mode": g_mode}
     if tokenizer is not None:
-        from pldr_core.tokenizer import Tokenizer
 
         tok = Tokenizer(tokenizer)
         overrides["vocab_size"] = vocab_size or tok.vocab_size

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from pldr_cli.app import app
-from pldr_core.inspect import Prompt, collect_prompts, inspect_deductive
+from pldr_core.deductive import Prompt, collect_prompts, inspect_deductive
 from tests.conftest import tiny_model
 
 runner = CliRunner()

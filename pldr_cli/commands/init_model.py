@@ -33,7 +33,7 @@ def init(
                                    "(default: the tokenizer's size when --tokenizer is given)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initialisation."),
 ) -> None:
-    from pldr_core.init import init_model_dir
+    from pldr_core.build import init_model_dir
 
     path, model = init_model_dir(preset=preset, out=out, g_mode=g_mode, g_file=g_file,
                                  tokenizer=tokenizer, vocab_size=vocab_size, seed=seed)
