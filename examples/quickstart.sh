@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole life of a PLDR-LLM on a laptop CPU, offline, in about five minutes:
+# The whole life of a PLDR-LLM on a CPU, offline (README.md says how long it takes):
 # tokenize the embedded corpus -> pretrain the tiny preset -> export the G-cache -> generate with and
 # without it -> zero-shot eval on a real task sample -> inspect the deductive outputs.
 #
