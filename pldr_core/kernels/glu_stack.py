@@ -71,6 +71,7 @@ TUNING = {
     },
 }
 PRECISIONS = ("ieee", "tf32", "bf16")
+OPERANDS = {"fp32": "ieee", "tf32": "tf32", "bf16": "bf16"}  # MetricPrecision -> the kernels' precision
 
 
 def available() -> bool:
