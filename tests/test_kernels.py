@@ -7,15 +7,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO, load_script, tiny_model
+
 from pldr_core.cache import GCache
+from pldr_core.config import MetricPrecision
 from pldr_core.engine import DecodeEngine
-from pldr_core.model import cast_for_inference
 from pldr_core.errors import PLDRError
 from pldr_core.generate import decode_steps
-from pldr_core.config import MetricPrecision
 from pldr_core.kernels import MetricPath, optimize_for_training
+from pldr_core.model import cast_for_inference
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -44,8 +44,8 @@ def test_fused_metric_path_matches_eager_values_and_gradients():
 
 # ---- Triton kernels for the residual GLU stack (run by Triton's interpreter on CPU) ------------------
 def _perturbed_attention(config_name: str, **overrides):
-    from pldr_core.config import preset
     from pldr_core.build import build_model
+    from pldr_core.config import preset
 
     model = build_model(preset(config_name, g_mode="learned", **overrides), seed=0).float()
     attn = model.decoder.dec_layers[0].mha1
@@ -455,8 +455,8 @@ def test_cast_for_inference_keeps_the_metric_path_fp32():
 @needs_cuda
 @pytest.mark.parametrize("g_source", ["file", "prefill"])
 def test_compiled_engine_matches_eager_on_gpu(g_source):
-    from pldr_core.config import preset
     from pldr_core.build import build_model
+    from pldr_core.config import preset
 
     model = build_model(preset("small", g_mode="learned"), seed=0).cuda().eval()
     prompt = torch.randint(4, 8000, (4, 16), generator=torch.Generator().manual_seed(0)).cuda()
@@ -485,8 +485,8 @@ def test_compiled_bf16_engine_with_the_kernel_is_as_accurate_as_eager_on_gpu(g_m
 def test_compiled_engine_first_step_at_the_last_position_keeps_the_cache_on_gpu():
     # Capturing the CUDA graph warms the step up first; at the cache's last position that must not
     # write past it (the kernel does not check the position) or anywhere but that position.
-    from pldr_core.config import preset
     from pldr_core.build import build_model
+    from pldr_core.config import preset
 
     model = build_model(preset("small", g_mode="learned"), seed=0).cuda().eval()
     prompt = torch.randint(4, 8000, (2, 7), generator=torch.Generator().manual_seed(0)).cuda()
@@ -505,8 +505,8 @@ def test_compiled_engine_first_step_at_the_last_position_keeps_the_cache_on_gpu(
 @gpu
 @needs_cuda
 def test_fused_compiled_gradients_match_eager_on_gpu():
-    from pldr_core.config import preset
     from pldr_core.build import build_model
+    from pldr_core.config import preset
 
     # float64 so that the comparison pins the maths, not rounding.
     ref = build_model(preset("small", g_mode="learned"), seed=0).cuda().double().train()
@@ -523,8 +523,8 @@ def test_fused_compiled_gradients_match_eager_on_gpu():
 @gpu
 @needs_cuda
 def test_triton_kernels_compiled_are_as_accurate_as_eager_on_gpu():
-    from pldr_core.config import preset
     from pldr_core.build import build_model
+    from pldr_core.config import preset
 
     exact = build_model(preset("small", g_mode="learned"), seed=0).cuda().double().train()
     eager = copy.deepcopy(exact).float()

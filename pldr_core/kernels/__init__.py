@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from pldr_core.config import MetricPrecision
-from pldr_core.errors import PLDRError
 from pldr_core.kernels import glu_stack
 
 __all__ = ["MetricPath", "check_metric_precision", "prepare_metric_path", "optimize_for_training",
