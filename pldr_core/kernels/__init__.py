@@ -44,7 +44,7 @@ class MetricPath:
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         object.__setattr__(self, "precision", MetricPrecision.parse(self.precision, "metric precision"))
-        if self.kernel == "auto" and not glu_stack.available():
+        if self.fused and self.kernel == "auto" and not glu_stack.available():
             object.__setattr__(self, "kernel", "torch")  # CPU-only torch builds come without Triton
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor, part: str) -> torch.Tensor:
