@@ -1,9 +1,9 @@
-"""Power Law Graph Attention (PLGA) and its metric path (SPEC section 1, steps 1-4).
+"""Power Law Graph Attention (PLGA): the attention, its metric path's dispatch, and its decode step.
 
-Names follow the paper: A (metric tensor after the residual units), A_LM (iSwiGLU of the linear map of
-A, the positive metric tensor), A_P = A_LM ** P (potential tensor), G_LM = alpha @ A_P + beta
-(energy-curvature tensor). Module and parameter names follow the reference implementation so that
-state dicts map one to one (``mha1.plgatt_layer.Wlst`` and so on).
+G_LM comes from the metric path (``pldr_core.metric``), from a frozen tensor, or from a G-cache.
+Module and parameter names follow the reference implementation so that state dicts map one to one
+(``mha1.plgatt_layer.Wlst`` and so on). ``decode_step`` is the same attention for one token over the
+static buffers of a ``DecodeState`` (``pldr_core.engine`` compiles it).
 """
 
 from __future__ import annotations
@@ -18,19 +18,15 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pldr_core.config import GMode, PLDRConfig
+from pldr_core.kernels import MetricPath, _Gram, glu_stack, kv_write
+from pldr_core.metric import EAGER, EPS_ADJ, GLU, PLGAParams, ResLayerA, metric_dtype
 
-EPS_ADJ = 1e-9  # keeps A_LM strictly positive so that A_LM ** P is defined
+__all__ = ["PLGAttention", "LayerDeductive", "DecodeState", "MetricPath", "GLU", "PLGAParams", "ResLayerA",
+           "EPS_ADJ", "metric_dtype", "rope_angles", "rope_tables", "apply_rope", "explicit_attention"]
 
 # Backends for masked (KV-cached) attention. cuDNN is left out: it builds a new execution plan for
-# every new key length, which made each bf16 decode step on an H200 cost ~17 ms (23 tokens/s).
+# every new key length.
 _MASKED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def metric_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the metric path runs in for a model (or input) of ``dtype``: fp64 stays fp64, anything
-    else is fp32, also bf16/fp16 under autocast (A sums S outer products, A_LM ** P amplifies rounding;
-    it is ~2.5% of the FLOPs)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 DEDUCTIVE_NAMES = ("A", "A_LM", "A_P", "G_LM")
@@ -79,75 +75,13 @@ class LayerDeductive:
         return [getattr(self, name) for name in self.keys()]
 
 
-class GLU(nn.Module):
-    """W3( silu(W1 x + b1) * (W2 x + b2) ) + b3, the SwiGLU block of the FFN and of the metric path."""
-
-    def __init__(self, d_in: int, d_hidden: int, d_out: int):
-        super().__init__()
-        self.gluw1 = nn.Linear(d_in, d_hidden)
-        self.gluw2 = nn.Linear(d_in, d_hidden)
-        self.gluw3 = nn.Linear(d_hidden, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gluw3(F.silu(self.gluw1(x)) * self.gluw2(x))
-
-
-class ResLayerA(nn.Module):
-    """One residual unit of the metric path: A = LN( A + GLU_n(...GLU_1(A)) )."""
-
-    def __init__(self, head_dim: int, A_dff: int, num_denseA: int, eps: float):
-        super().__init__()
-        self.denseAs = nn.ModuleList(GLU(head_dim, A_dff, head_dim) for _ in range(num_denseA))
-        self.layernormA = nn.LayerNorm(head_dim, eps=eps)
-
-    def forward(self, A: torch.Tensor) -> torch.Tensor:
-        h = A
-        for glu in self.denseAs:
-            h = glu(h)
-        return self.layernormA(A + h)
-
-
-def iswiglu(z: torch.Tensor) -> torch.Tensor:
-    """z * silu(z): SwiGLU with identity weights; non-negative, so A_LM is positive after + EPS_ADJ."""
-    return z * F.silu(z)
-
-
-class PLGAParams(nn.Module):
-    """The per-head tensors that map A to G_LM: W, b (-> A_LM), P (-> A_P), alpha, beta (-> G_LM)."""
-
-    def __init__(self, num_heads: int, head_dim: int):
-        super().__init__()
-        shape = (num_heads, head_dim, head_dim)
-        self.Wlst = nn.Parameter(torch.empty(shape))
-        self.blst = nn.Parameter(torch.zeros(shape))
-        self.pwlst = nn.Parameter(torch.empty(shape))
-        self.alst = nn.Parameter(torch.empty(shape))
-        self.balst = nn.Parameter(torch.zeros(shape))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # xavier_normal on the [H, dk, dk] tensors, exactly as the reference initialises them.
-        for p in (self.Wlst, self.pwlst, self.alst):
-            nn.init.xavier_normal_(p)
-        nn.init.zeros_(self.blst)
-        nn.init.zeros_(self.balst)
-
-    def forward(self, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A [B, H, dk, dk] -> (A_LM, A_P, G_LM), each [B, H, dk, dk]."""
-        A_LM = iswiglu(torch.matmul(self.Wlst, A) + self.blst) + EPS_ADJ
-        A_P = torch.pow(A_LM, self.pwlst)
-        G_LM = torch.matmul(self.alst, A_P) + self.balst
-        return A_LM, A_P, G_LM
-
-
 @torch.library.custom_op("pldr::rope_angles", mutates_args=())
 def rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles for integer ``positions`` [..., S] -> [..., S, head_dim/2].
 
-    Angles are formed in float64 (as the golden vectors are) and cast by the caller. This is an opaque
-    custom op so that ``torch.compile`` computes the small tables once: as plain element-wise ops,
-    inductor inlined the float64 cos/sin into every kernel that applies the rotation, once per element
-    of q and k. On an H200 that was about 3.7 ms of a 26 ms paper-110m training step.
+    Angles are formed in float64 (as the golden vectors are) and cast by the caller. An opaque custom
+    op, so that ``torch.compile`` computes the small tables once instead of inlining the float64
+    cos/sin into every kernel that applies the rotation.
     """
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
     angles = positions.to(torch.float64)[..., None] * inv_freq
@@ -192,8 +126,43 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return torch.matmul(weights, v), weights
 
 
+@dataclass
+class DecodeState:
+    """The static buffers one decode step reads and writes (``PLDRModel.decode_state`` builds it).
+
+    ``k``, ``v``: the caches [L, B, H, T, dk], written in place at the step's position; with a fixed
+    ``G`` [L, B, H, dk, dk] (a G-cache or a frozen G) the key cache holds G_LM k, since
+    (q G_LM) . k = q . (G_LM k), so the step multiplies the one new key instead of the query. ``A``:
+    the metric tensor frozen at the prefill ([L, B, H, dk, dk]; ``use_metric``: G_LM is recomputed
+    from it every step). ``cos``, ``sin``: rotary tables [T, dk/2]; ``keys``: 0..T-1; ``layer_ids``:
+    0..L-1 (tensor indices, so that a cache write is one scatter into the base tensor). ``wqkv``,
+    ``bqkv``, ``w12``, ``b12``: per layer, the concatenated q|k|v and FFN W1|W2 weights (one matmul
+    each: at small batch a step is bound by its number of kernels). ``kernel``: the q|k|v Triton kernel
+    (``pldr_core.kernels.kv_write``) rotates q and k and writes G_LM k and v (needs a fixed ``G``).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    A: torch.Tensor | None
+    G: torch.Tensor | None
+    cos: torch.Tensor
+    sin: torch.Tensor
+    keys: torch.Tensor
+    layer_ids: torch.Tensor
+    wqkv: list[torch.Tensor]
+    bqkv: list[torch.Tensor]
+    w12: list[torch.Tensor]
+    b12: list[torch.Tensor]
+    use_metric: bool
+    kernel: bool
+
+
 class PLGAttention(nn.Module):
-    """Multi-head power law graph attention with its metric path (reference name: ``mha1``)."""
+    """Multi-head power law graph attention with its metric path (reference name: ``mha1``).
+
+    ``metric_path`` (a ``MetricPath``, set through ``PLDRModel.set_metric_path``) says how the metric
+    path runs: eager modules or the fused formulation; the maths is the same.
+    """
 
     def __init__(self, config: PLDRConfig):
         super().__init__()
@@ -201,6 +170,7 @@ class PLGAttention(nn.Module):
         self.num_heads, self.head_dim = H, dk
         self.rope_style, self.rope_base = config.rope_style, config.rope_base
         self.g_mode = config.g_mode
+        self.metric_path = EAGER
         self.wq = nn.Linear(d, d)
         self.wk = nn.Linear(d, d)
         self.wv = nn.Linear(d, d)
@@ -217,10 +187,18 @@ class PLGAttention(nn.Module):
             self.register_buffer("G_LM", torch.zeros(H, dk, dk))
             self.register_buffer("A_LM", torch.zeros(H, dk, dk))
 
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wq|Wk|Wv and bq|bk|bv concatenated: q, k and v as one matmul."""
+        return (torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]),
+                torch.cat([self.wq.bias, self.wk.bias, self.wv.bias]))
+
     # ---- metric path -------------------------------------------------------------------------
     def metric_A_of(self, q: torch.Tensor) -> torch.Tensor:
         """``metric_A`` of q [B, H, S, dk] as the attention produced it (bf16 under autocast): the
         metric path runs in ``metric_dtype`` (fp32; fp64 for a float64 model)."""
+        path = self.metric_path
+        if path.fused and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):  # under autocast
+            return self._metric_stack(_Gram.apply(q, path.gram_kernel()))
         return self.metric_A(q.to(metric_dtype(q.dtype)))
 
     def metric_A(self, q: torch.Tensor) -> torch.Tensor:
@@ -228,10 +206,16 @@ class PLGAttention(nn.Module):
 
         The sum runs over every position of the input (not causal): the paper's definition.
         """
-        A = torch.matmul(q.transpose(-1, -2), q)
+        return self._metric_stack(self.metric_path.matmul(q.transpose(-1, -2), q, "a0"))
+
+    def _metric_stack(self, A: torch.Tensor) -> torch.Tensor:
+        """LN_A and the residual units on A0 (as the Triton kernels where the metric path says so)."""
+        path = self.metric_path
+        if path.uses_triton(self, A):
+            return glu_stack.glu_stack(self, A, glu_stack.OPERANDS[path.precision])
         A = self.layernorm1(A)
         for unit in self.reslayerAs:
-            A = unit(A)
+            A = unit(A, path)
         return A
 
     # ---- forward -----------------------------------------------------------------------------
@@ -250,9 +234,9 @@ class PLGAttention(nn.Module):
     ):
         """x [B, S, d] at integer ``positions`` [B, S] -> (out [B, S, d], deductive dict|None, weights|None).
 
-        Caches (SPEC section 2): with a filled ``g_cache`` the metric path never runs; with a filled
-        ``kv_cache`` the metric tensor A is the one frozen at the prefill; otherwise A comes from this
-        input and is stored in whichever caches are present.
+        Caches: with a filled ``g_cache`` the metric path never runs; with a filled ``kv_cache`` the
+        metric tensor A is the one frozen at the prefill; otherwise A comes from this input and is
+        stored in whichever caches are present.
         """
         B, S, _ = x.shape
         H, dk = self.num_heads, self.head_dim
@@ -306,8 +290,60 @@ class PLGAttention(nn.Module):
                 A = self.metric_A_of(q)
                 if kv_cache is not None:
                     kv_cache.store_A(layer, A)
-            A_LM, A_P, G_LM = self.plgatt_layer(A.to(mdtype))
+            A_LM, A_P, G_LM = self.plgatt_layer(A.to(mdtype), self.metric_path)
         if g_cache is not None:
             g_cache.store(layer, A_LM, G_LM)
         deductive.A, deductive.A_LM, deductive.A_P, deductive.G_LM = A, A_LM, A_P, G_LM
         return G_LM
+
+    # ---- decode step -------------------------------------------------------------------------
+    def decode_step(self, x: torch.Tensor, pos: torch.Tensor, layer: int, state: DecodeState,
+                    rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor) -> torch.Tensor:
+        """``forward`` for one token x [B, 1, d] at ``pos`` [1] over ``state``'s static caches.
+
+        ``rope``: cos, sin [1, 1, 1, dk/2] at ``pos`` (None with ``state.kernel``, which reads the
+        tables itself); ``mask`` [1, 1, 1, T]: the keys up to ``pos``. Writes k (or G_LM k) and v at
+        ``pos`` of layer ``layer``; returns the attention's output [B, 1, d].
+        """
+        B = x.shape[0]
+        H, dk = self.num_heads, self.head_dim
+        qkv = F.linear(x, state.wqkv[layer], state.bqkv[layer])
+        acc = torch.promote_types(qkv.dtype, torch.float32)  # products accumulate in fp32 (or fp64)
+        if state.kernel:
+            # Fixed G_LM, one Triton kernel: rotate q and k, cache G_LM k and v at pos.
+            q = kv_write.decode_qkv(qkv, state.cos, state.sin, pos, state.G, state.k, state.v, layer,
+                                    self.rope_style == "interleaved")
+        else:
+            q = self._decode_qkv(qkv, pos, layer, state, rope, acc)
+        kc, vc = state.k[layer], state.v[layer]
+        # The one query over the whole static cache, masked past ``pos``; written out (multiply-sum,
+        # softmax, multiply-sum) it compiles to fewer kernels than fused SDPA with a mask.
+        scores = (q.to(acc) * kc.to(acc)).sum(-1) / math.sqrt(dk)  # [B, H, T]
+        p = torch.softmax(scores.masked_fill(~mask[0], float("-inf")), dim=-1)
+        out = (p.unsqueeze(-1) * vc.to(acc)).sum(-2, keepdim=True).to(q.dtype)
+        return self.dense(out.transpose(1, 2).reshape(B, 1, H * dk))
+
+    def _decode_qkv(self, qkv, pos, layer: int, state: DecodeState, rope, acc) -> torch.Tensor:
+        """The torch ops of ``kv_write.decode_qkv``, plus the KV-cache-alone case: rotated q
+        (multiplied by G_LM when G_LM comes from the frozen A); k (or G_LM k) and v written at pos."""
+        B = qkv.shape[0]
+        H, dk = self.num_heads, self.head_dim
+        cos, sin = rope
+        q, k, v = qkv.view(B, 1, 3, H, dk).transpose(1, 3).unbind(2)
+        q = apply_rope(q, cos, sin, self.rope_style)
+        k = apply_rope(k, cos, sin, self.rope_style)
+        if state.G is not None:
+            # Fixed G_LM: the key is cached as G_LM k, (G_LM k)_i = sum_j G_ij k_j.
+            k = (state.G[layer].to(acc) * k.to(acc)).sum(-1).unsqueeze(-2).to(k.dtype)
+        elif state.use_metric:
+            # KV-cache alone: G_LM from the A frozen at the prefill, every step (as the eager model),
+            # and q G_LM for the one query: sum_i q_i G_ij.
+            with torch.autocast(device_type=q.device.type, enabled=False):
+                _, _, G = self.plgatt_layer(state.A[layer], self.metric_path)
+            q = (q.transpose(-1, -2).to(acc) * G.to(acc)).sum(-2, keepdim=True).to(q.dtype)
+        # Tensor indices for both the layer and the position: one scatter into the base tensor (a
+        # write through a per-layer view made the compiled step copy the whole cache back).
+        lid = state.layer_ids[layer:layer + 1]
+        state.k[lid, :, :, pos] = k.permute(2, 0, 1, 3).to(state.k.dtype)
+        state.v[lid, :, :, pos] = v.permute(2, 0, 1, 3).to(state.v.dtype)
+        return q

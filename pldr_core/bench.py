@@ -1,4 +1,4 @@
-"""Speed measurements behind ``pldr bench`` (SPEC sections 5 and 8): how every speed claim is made.
+"""Speed measurements behind ``pldr bench``: how every speed claim is made.
 
 Training: tokens/s (and MFU on GPU) of learned-G against identity-G at the same shape and batch, a full
 optimizer step each (bf16 autocast on GPU with fp32 master weights, AdamW, clipping by value).
@@ -20,10 +20,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pldr_core.config import PLDRConfig, preset as make_preset
+from pldr_core.build import build_model
+from pldr_core.cache import GCache
+from pldr_core.checkpoint import fingerprint
+from pldr_core.config import PLDRConfig
+from pldr_core.config import preset as make_preset
 from pldr_core.device import resolve_device
+from pldr_core.engine import DecodeEngine
 from pldr_core.errors import PLDRError
-from pldr_core.kernels import DEFAULT_METRIC_PRECISION, check_metric_precision
+from pldr_core.gcache import read_gcache, write_gcache
+from pldr_core.generate import decode_steps
+from pldr_core.kernels import DEFAULT_METRIC_PRECISION, check_metric_precision, optimize_for_training
+from pldr_core.model import cast_for_inference
 
 # Dense bf16 peak of the chips we know (for MFU); others report MFU as null.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -75,8 +83,6 @@ def _sync(dev: torch.device) -> None:
 
 
 def _build(config: PLDRConfig, dev: torch.device, seed: int):
-    from pldr_core.build import build_model
-
     return build_model(config, seed=seed).to(dev)
 
 
@@ -85,8 +91,6 @@ def bench_train_one(config: PLDRConfig, dev: torch.device, *, batch: int, seq_le
                     warmup: int, compile: bool, compile_mode: str | None = None,
                     metric_precision: str = DEFAULT_METRIC_PRECISION, seed: int = 0) -> dict:
     """Tokens/s of full training steps for one model (``compile_mode``: torch.compile's mode)."""
-    from pldr_core.kernels import optimize_for_training
-
     model = _build(config, dev, seed).train()
     cuda = dev.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1,
@@ -179,10 +183,6 @@ def _timed(dev, fn, new_tokens: int, batch: int) -> dict:
 
 def _file_gcache(model, tmp: Path):
     """Export a G-cache file from the EOS-alone prompt (export-gcache's default) and read it back."""
-    from pldr_core.cache import GCache
-    from pldr_core.checkpoint import fingerprint
-    from pldr_core.gcache import read_gcache, write_gcache
-
     dev = next(model.parameters()).device
     gc = GCache.for_model(model, 1)
     with torch.no_grad():
@@ -198,10 +198,6 @@ def bench_decode(config: PLDRConfig, dev: torch.device, *, batches: list[int], p
                  log: Callable[[str], None] = lambda s: None) -> dict:
     """Decoding tokens/s per mechanism (eager: one timing each; engine: the median of ``repeats``
     interleaved timings) and the G-cache-file / identity-G ratios."""
-    from pldr_core.engine import DecodeEngine
-    from pldr_core.model import cast_for_inference
-    from pldr_core.generate import decode_steps
-
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     learned = cast_for_inference(_build(config.replace(g_mode="learned"), dev, 0), dtype).eval()
     identity = cast_for_inference(_build(config.replace(g_mode="identity"), dev, 0), dtype).eval()
@@ -245,8 +241,8 @@ def bench_decode(config: PLDRConfig, dev: torch.device, *, batches: list[int], p
                 _sync(dev)
                 built[name] = eng
                 row["engine"][name] = {"warmup_s": time.perf_counter() - t0, "kernel": eng.kernel}
-            # One generate lasts ~0.1 s on a GPU, so single timings moved ratios by several percent
-            # between runs: the engines take turns, and each figure is the median of its turns.
+            # One generate is short on a GPU, so single timings are noisy: the engines take turns, and
+            # each figure is the median of its turns.
             runs: dict[str, list[dict]] = {name: [] for name in built}
             toks = {}
             for _ in range(repeats):
@@ -261,7 +257,7 @@ def bench_decode(config: PLDRConfig, dev: torch.device, *, batches: list[int], p
                     tokens_per_s=statistics.median(speeds), seconds=statistics.median(
                         r["seconds"] for r in runs[name]), runs_tokens_per_s=speeds)
                 if model is learned and name != "kv_g_file":
-                    # KV alone and KV+G (prefill) give the same greedy tokens (SPEC section 2); in bf16
+                    # KV alone and KV+G (prefill) give the same greedy tokens; in bf16
                     # a late near-tie can flip, so this is reported, not asserted. (A file's G comes
                     # from another prompt, so its tokens may differ.)
                     if reference is None:
@@ -280,13 +276,10 @@ def bench_decode(config: PLDRConfig, dev: torch.device, *, batches: list[int], p
 # ---- the whole run ----------------------------------------------------------------------------------
 def defaults_for(dev: torch.device, config: PLDRConfig) -> dict:
     if dev.type == "cuda":
-        # reduce-overhead (CUDA graphs) is each model's best measured setting on an H200 at the
-        # paper-110m shape (torch metric path, TF32): learned-G 431k tokens/s (267k in the default
-        # mode), identity-G 615k (621k).
+        # reduce-overhead (CUDA graphs): the fastest training mode for both models at the paper shape.
         return dict(batch=16, seq_len=min(1024, config.max_seq_len), steps=20, warmup=5, compile=True,
                     compile_mode="reduce-overhead", decode_batch=16, prompt_len=32, new_tokens=256,
-                    # 15 turns: at batch 1 single timings split into two groups ~4% apart (H200), and
-                    # the median of 5 moved the G-cache/identity ratio by up to 3% between runs.
+                    # 15 turns: single timings at batch 1 scatter by a few percent; the median settles.
                     decode_repeats=15)
     return dict(batch=4, seq_len=min(64, config.max_seq_len), steps=3, warmup=1, compile=False,
                 decode_batch=4, prompt_len=8, new_tokens=16, decode_repeats=2)

@@ -1,9 +1,8 @@
-"""KV-cache and G-cache (SPEC section 2) as explicit, preallocated objects passed into ``forward``.
+"""KV-cache and G-cache as explicit, preallocated objects passed into ``forward``.
 
 - ``KVCache``: post-RoPE k and v per layer, preallocated for prompt + max_new_tokens, plus the metric
-  tensor A of the prefill. With it on, A is frozen at the prompt (the paper's behaviour). (The decode
-  engine's own cache, ``DecodeEngine.kv``, holds G_LM k instead of k when G_LM is fixed: see
-  ``pldr_core.engine``.)
+  tensor A of the prefill. With it on, A is frozen at the prompt (the paper's behaviour). (A decode
+  step with a fixed G_LM caches G_LM k instead of k: one product per new key, not per query.)
 - ``GCache``: per layer (A_LM, G_LM), either taken from the prefill of the current prompt or loaded from
   a G-cache file; in the second case the metric path never runs, not even at prefill.
 

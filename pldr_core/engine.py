@@ -1,20 +1,12 @@
 """A static-cache decode engine: the fast path for batch-1 and small-batch decoding.
 
 ``pldr_core.generate.decode_steps`` is the reference mechanism (dynamic shapes, per-row lengths, any
-cache combination). This engine does the same maths for rows of equal length with everything a CUDA
-graph needs:
-
-- the KV-cache is preallocated once for prompt + max_new_tokens and attended over in full with a mask
-  (static shapes; keys past the current position get zero weight);
-- the position is a tensor, so one captured graph serves every step;
-- G_LM comes from a static buffer [L, B, H, dk, dk] (filled from the prefill or from a G-cache file), so
-  with a G-cache the metric path never runs in the step; with the KV-cache alone the step recomputes
-  G_LM from the frozen A (SPEC section 2), as the eager model does;
-- with a G_LM that stays fixed over the decode (a G-cache, or a frozen G), the key cache holds each key
-  already multiplied by it: (q G_LM) . k = q . (G_LM k), so the step multiplies the one new key instead
-  of the query, and the query's path is the identity-G model's; on CUDA one Triton kernel per layer
-  rotates q and k, multiplies the new key and writes it and its value (``pldr_core.kernels.kv_write``);
-- the step is compiled with ``torch.compile`` and replayed as one captured CUDA graph per token.
+cache combination). This engine runs the model's own ``decode_step`` for rows of equal length with
+everything a CUDA graph needs: the buffers of a ``DecodeState`` preallocated once for prompt +
+max_new_tokens (attended over in full with a mask), the position as a tensor, G_LM in a static buffer
+[L, B, H, dk, dk] (from the prefill, a G-cache file or the frozen weights; with the KV-cache alone a
+learned model recomputes it from the frozen A each step, as the eager model does), and the step
+compiled with ``torch.compile`` and replayed as one captured CUDA graph per token.
 
 The prefill is the eager model itself (``model(prompt, kv_cache=..., g_cache=...)``): it writes straight
 into the engine's buffers, so the cache semantics stay those of the library.
@@ -22,119 +14,17 @@ into the engine's buffers, so the cache semantics stay those of the library.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from pldr_core.attention import apply_rope, rope_angles
 from pldr_core.cache import GCache, KVCache
 from pldr_core.config import GMode
 from pldr_core.errors import PLDRError
-from pldr_core.sampling import Step, greedy
 from pldr_core.kernels import KERNELS, kv_write
+from pldr_core.sampling import Step, greedy
 
 G_SOURCES = ("file", "prefill", "none")
-
-
-class _StepModule(nn.Module):
-    """One decode step over static buffers: token [B], position [1] -> logits [B, V].
-
-    At batch 1-16 a decode step is bound by the number of kernels, not by FLOPs, so the step is written
-    for few of them: q, k and v come from one matmul against the concatenated weights, as do the FFN's
-    two input projections (a copy of those weights, made once per engine). With a fixed G_LM (``G``),
-    the cached keys are G_LM k (``DecodeEngine.prefill`` converts the prompt's) and the query goes
-    straight into the scores as in an identity-G model. A profile of one compiled step (paper-110m,
-    batch 16, H200) gave the kernel counts: multiplying the query by G_LM, 76 kernels against
-    identity-G's 71 (q G is a reduction, so the scores no longer merged with q's rotary embedding);
-    multiplying the new key with torch ops, still 76 (a rotary kernel and a product-and-write kernel
-    per layer); with ``kernel`` (``pldr_core.kernels.kv_write.decode_qkv``), 71, busy 300 us against
-    297. Timed in turns in one run (batch 16, G-cache file): 0.89x identity-G's tokens/s with the torch
-    ops, 0.99x with the kernel (the torch ops had given 0.943x in an earlier ``pldr bench`` run).
-    """
-
-    def __init__(self, model, kv: KVCache, G: torch.Tensor | None, use_metric: bool, kernel: bool):
-        super().__init__()
-        cfg = model.config
-        self.model = model
-        self.L, self.H, self.dk, self.d = cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.d_model
-        self.rope_style = cfg.rope_style
-        self.use_metric = use_metric
-        self.kernel = kernel  # pldr_core.kernels.kv_write's decode_qkv (needs a fixed G)
-        dtype = kv.k.dtype
-        T = kv.max_len
-        cos, sin = rope_angles(torch.arange(T, device=kv.k.device), self.dk, cfg.rope_base)
-        # Same float64 angles as the eager path, cast once (the cast is element-wise, so identical).
-        self.register_buffer("cos", cos.to(dtype), persistent=False)
-        self.register_buffer("sin", sin.to(dtype), persistent=False)
-        self.register_buffer("keys", torch.arange(T, device=kv.k.device), persistent=False)
-        self.register_buffer("layer_ids", torch.arange(cfg.num_layers, device=kv.k.device), persistent=False)
-        self.k_cache, self.v_cache, self.A = kv.k, kv.v, kv.A
-        self.G = G
-        layers = model.decoder.dec_layers
-        with torch.no_grad():
-            self.wqkv = [torch.cat([l.mha1.wq.weight, l.mha1.wk.weight, l.mha1.wv.weight]) for l in layers]
-            self.bqkv = [torch.cat([l.mha1.wq.bias, l.mha1.wk.bias, l.mha1.wv.bias]) for l in layers]
-            self.w12 = [torch.cat([l.ffn.gluw1.weight, l.ffn.gluw2.weight]) for l in layers]
-            self.b12 = [torch.cat([l.ffn.gluw1.bias, l.ffn.gluw2.bias]) for l in layers]
-
-    def forward(self, token: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [B, V], greedy next token [B]); advances ``pos`` by one."""
-        m = self.model
-        B = token.shape[0]
-        H, dk = self.H, self.dk
-        x = m.decoder.embedding(token[:, None]) * math.sqrt(self.d)
-        x = m.decoder.layernorm1(x)
-        if not self.kernel:  # the kernel reads the tables at pos itself
-            cos = self.cos.index_select(0, pos)[None, None]  # [1, 1, 1, dk/2]
-            sin = self.sin.index_select(0, pos)[None, None]
-        mask = (self.keys <= pos)[None, None, None, :]   # [1, 1, 1, T]
-        for i, layer in enumerate(m.decoder.dec_layers):
-            a = layer.mha1
-            qkv = F.linear(x, self.wqkv[i], self.bqkv[i])
-            acc = torch.promote_types(qkv.dtype, torch.float32)  # products accumulate in fp32 (or fp64)
-            if self.kernel:
-                # Fixed G_LM, one Triton kernel: rotate q and k, cache G_LM k and v at pos.
-                q = torch.ops.pldr.decode_qkv(qkv, self.cos, self.sin, pos, self.G, self.k_cache,
-                                              self.v_cache, i, self.rope_style == "interleaved")
-            else:
-                q, k, v = qkv.view(B, 1, 3, H, dk).transpose(1, 3).unbind(2)
-                q = apply_rope(q, cos, sin, self.rope_style)
-                k = apply_rope(k, cos, sin, self.rope_style)
-                if self.G is not None:
-                    # Fixed G_LM: the key is cached as G_LM k, (G_LM k)_i = sum_j G_ij k_j.
-                    k = (self.G[i].to(acc) * k.to(acc)).sum(-1).unsqueeze(-2).to(k.dtype)
-                elif self.use_metric:
-                    # KV-cache alone: G_LM from the A frozen at the prefill, every step (as the eager
-                    # model), and q G_LM for the one query: sum_i q_i G_ij.
-                    with torch.autocast(device_type=q.device.type, enabled=False):
-                        _, _, G = a.plgatt_layer(self.A[i])
-                    q = (q.transpose(-1, -2).to(acc) * G.to(acc)).sum(-2, keepdim=True).to(q.dtype)
-                # Write the new key/value into the [L, B, H, T, dk] caches with tensor indices for both
-                # the layer and the position: one scatter into the base tensor. (Writing through a
-                # per-layer view made the compiled step copy the whole cache back, ~150 us per step at
-                # batch 16.)
-                lid = self.layer_ids[i:i + 1]
-                self.k_cache[lid, :, :, pos] = k.permute(2, 0, 1, 3).to(self.k_cache.dtype)
-                self.v_cache[lid, :, :, pos] = v.permute(2, 0, 1, 3).to(self.v_cache.dtype)
-            kc, vc = self.k_cache[i], self.v_cache[i]
-            # Attention of the one query over the whole static cache, masked past ``pos``: written out
-            # (multiply-sum, softmax, multiply-sum) it compiles to fused kernels that beat fused SDPA with
-            # a mask here (H200, paper-110m, G-cache file, batch 16, same build otherwise: 27,660 against
-            # 26,782 tokens/s; identity-G 28,870 against 26,883).
-            scores = (q.to(acc) * kc.to(acc)).sum(-1) / math.sqrt(dk)  # [B, H, T]
-            p = torch.softmax(scores.masked_fill(~mask[0], float("-inf")), dim=-1)
-            out = (p.unsqueeze(-1) * vc.to(acc)).sum(-2, keepdim=True).to(q.dtype)
-            out = a.dense(out.transpose(1, 2).reshape(B, 1, H * dk))
-            x = layer.layernorm1(x + out)
-            ffn = layer.ffn
-            g1, g2 = F.linear(x, self.w12[i], self.b12[i]).chunk(2, dim=-1)
-            x = layer.layernorm2(x + ffn.gluw3(F.silu(g1) * g2))
-        logits = m.final_layer(x)[:, 0]
-        pos.add_(1)
-        return logits, logits.argmax(dim=-1)
 
 
 class DecodeEngine:
@@ -192,8 +82,8 @@ class DecodeEngine:
                             "Triton, and CUDA (or TRITON_INTERPRET=1)")
         auto = kernel == "auto" and self.device.type == "cuda"
         self.kernel = "triton" if fits and (kernel == "triton" or auto) else "torch"
-        self._step = _StepModule(model, self.kv, G, use_metric=learned and g_source == "none",
-                                 kernel=self.kernel == "triton")
+        self.state = model.decode_state(self.kv, G, use_metric=learned and g_source == "none",
+                                        kernel=self.kernel == "triton")
         self._positions = torch.arange(max_len, device=self.device)
         self.compiled = bool(compile)
         # Static inputs/outputs of the step, so that one captured CUDA graph serves every step.
@@ -203,6 +93,12 @@ class DecodeEngine:
         self._graph = None
         self._run = torch.compile(self._step, mode=compile_mode, fullgraph=True) if compile else self._step
         self._use_graph = compile and self.device.type == "cuda"
+
+    def _step(self, token: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, V], greedy next token [B]) of one model step; advances ``pos`` by one."""
+        logits = self.model.decode_step(token, pos, self.state)
+        pos.add_(1)
+        return logits, logits.argmax(dim=-1)
 
     def _body(self) -> None:
         """The step over the static buffers: logits and greedy choice out, position advanced.
@@ -276,7 +172,7 @@ class DecodeEngine:
         if gc is not None and gc.source == "prefill":
             self.G.copy_(gc.G_LM.to(self.dtype))
         if self.G is not None:
-            # The step attends over keys cached as G_LM k (see _StepModule): convert the prompt's.
+            # The step attends over keys cached as G_LM k (see DecodeState): convert the prompt's.
             # In float64 (exact products for bf16 and fp32 caches alike, whatever the TF32 setting),
             # a layer at a time to bound the temporary.
             for k, G in zip(self.kv.k[:, :, :, :S], self.G):

@@ -1,7 +1,8 @@
-"""The PLDR-LLM decoder (SPEC section 1): post-LayerNorm layers of PLGA + GLU, no final norm, untied head.
+"""The PLDR-LLM decoder: post-LayerNorm layers of PLGA + GLU, no final norm, untied head.
 
 Module names follow the reference implementation (``decoder.embedding``, ``decoder.dec_layers.{i}.mha1``,
-``final_layer``, ...) so a state dict of this model is a state dict of the paper's code.
+``final_layer``, ...) so a state dict of this model is a state dict of the paper's code. ``forward`` is
+the one forward pass; ``decode_step`` is the same layers for one token over static buffers.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pldr_core.attention import GLU, LayerDeductive, PLGAttention, metric_dtype, rope_tables
+from pldr_core.attention import DecodeState, LayerDeductive, PLGAttention, rope_angles, rope_tables
 from pldr_core.cache import GCache, KVCache
 from pldr_core.config import GMode, PLDRConfig
 from pldr_core.errors import PLDRError
+from pldr_core.kernels import MetricPath
+from pldr_core.metric import EAGER, GLU, metric_dtype
 
 
 @dataclass
@@ -43,6 +46,11 @@ class DecoderLayer(nn.Module):
         x = self.layernorm1(x + attn)
         x = self.layernorm2(x + self.ffn(x))
         return x, deductive, weights
+
+    def decode_step(self, x, pos, layer: int, state: DecodeState, rope, mask):
+        """``forward`` for one token over ``state`` (see ``PLGAttention.decode_step``)."""
+        x = self.layernorm1(x + self.mha1.decode_step(x, pos, layer, state, rope, mask))
+        return self.layernorm2(x + self.ffn.forward_w12(x, state.w12[layer], state.b12[layer]))
 
 
 class Decoder(nn.Module):
@@ -135,6 +143,62 @@ class PLDRModel(nn.Module):
             deductive=deductive if return_deductive else None,
             attentions=attentions if return_attention else None,
         )
+
+    # ---- decode step -------------------------------------------------------------------------
+    def decode_step(self, token: torch.Tensor, pos: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Logits [B, V] of ``token`` [B] at position ``pos`` ([1], a tensor: one captured CUDA graph
+        serves every step) over ``state``'s static buffers, which it updates in place.
+
+        The same maths as ``forward`` with a KV-cache (and the G_LM that ``state`` holds), written for
+        few kernels: at small batch a decode step is bound by their number, not by FLOPs.
+        """
+        x = self.decoder.embedding(token[:, None]) * math.sqrt(self.config.d_model)
+        x = self.decoder.layernorm1(x)
+        rope = None
+        if not state.kernel:  # the kernel reads the tables at pos itself
+            rope = (state.cos.index_select(0, pos)[None, None],   # [1, 1, 1, dk/2]
+                    state.sin.index_select(0, pos)[None, None])
+        mask = (state.keys <= pos)[None, None, None, :]   # [1, 1, 1, T]
+        for i, layer in enumerate(self.decoder.dec_layers):
+            x = layer.decode_step(x, pos, i, state, rope, mask)
+        return self.final_layer(x)[:, 0]
+
+    @torch.no_grad()
+    def decode_state(self, kv: KVCache, G: torch.Tensor | None, *, use_metric: bool,
+                     kernel: bool) -> DecodeState:
+        """The buffers of ``decode_step`` over ``kv`` (and a fixed G_LM [L, B, H, dk, dk] or None);
+        ``use_metric``: recompute G_LM from ``kv.A`` each step; ``kernel``: the q|k|v Triton kernel."""
+        cfg = self.config
+        T, device = kv.max_len, kv.k.device
+        cos, sin = rope_angles(torch.arange(T, device=device), cfg.head_dim, cfg.rope_base)
+        layers = self.decoder.dec_layers
+        qkv = [layer.mha1.fused_qkv() for layer in layers]
+        w12 = [layer.ffn.fused_w12() for layer in layers]
+        # Same float64 angles as the eager path, cast once (the cast is element-wise, so identical).
+        return DecodeState(k=kv.k, v=kv.v, A=kv.A, G=G, cos=cos.to(kv.k.dtype), sin=sin.to(kv.k.dtype),
+                           keys=torch.arange(T, device=device),
+                           layer_ids=torch.arange(cfg.num_layers, device=device),
+                           wqkv=[w for w, _ in qkv], bqkv=[b for _, b in qkv],
+                           w12=[w for w, _ in w12], b12=[b for _, b in w12],
+                           use_metric=use_metric, kernel=kernel)
+
+    # ---- metric path setting -----------------------------------------------------------------
+    def set_metric_path(self, path: MetricPath = EAGER) -> int:
+        """Run every learned-G layer's metric path as ``path`` says; returns how many layers have one.
+
+        ``MetricPath()`` is the eager modules, ``MetricPath(fused=True, ...)`` the fused formulation
+        (same values and gradients; same parameters and state dict)."""
+        n = 0
+        for layer in self.decoder.dec_layers:
+            if layer.mha1.g_mode.has_metric_path:
+                layer.mha1.metric_path = path
+                n += 1
+        return n
+
+    @property
+    def metric_path(self) -> MetricPath:
+        """The ``MetricPath`` the layers run (``set_metric_path``); eager for a model without one."""
+        return self.decoder.dec_layers[0].mha1.metric_path
 
     # ---- helpers -----------------------------------------------------------------------------
     def num_params(self, metric_only: bool = False) -> int:

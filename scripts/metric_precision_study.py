@@ -11,12 +11,12 @@ operand rounded to bfloat16 (7 explicit mantissa bits, round to nearest even), p
 fp32. That is what the Triton GLU-stack kernels do with bf16 operands, so bf16 is only offered for
 the ``glu`` placement; biases, LayerNorms and the residual adds stay fp32 in every mode.
 
-The emulation replaces the fused metric path of ``pldr_core.kernels`` (``enable_fused(model,
-kernel="torch")``): ``FusedPLGAttention.metric_A`` and ``FusedPLGAParams.forward`` call the module
-functions ``fused_metric_A`` / ``fused_metric_chain``, so ``emulated_metric_path`` swaps those two
-module globals for emulating versions (same maths, same W1|W2 concatenation) and restores them on
-exit. Nothing else in the model changes. Placements: ``glu`` (the LN_A residual units, i.e. what the
-Triton GLU-stack kernels compute on a GPU), ``chain`` (W @ A and alpha @ A_P) and ``a0`` (q^T q).
+The emulation runs inside the model's fused metric path (``MetricPath(fused=True, kernel="torch")``):
+that path takes its matmuls from the layer's ``MetricPath`` (``matmul`` for q^T q and the chain,
+``linear`` for the GLUs), so ``emulated_metric_path`` sets a ``MetricPath`` whose products are the
+emulated ones on the model (same maths, same W1|W2 concatenation) and restores the previous setting
+on exit. Nothing else in the model changes. Placements: ``glu`` (the LN_A residual units, i.e. what
+the Triton GLU-stack kernels compute on a GPU), ``chain`` (W @ A and alpha @ A_P) and ``a0`` (q^T q).
 
 It prints
   (a) gradient errors: one forward/backward on random tokens (next-token cross-entropy) for each
@@ -56,10 +56,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import pldr_core.kernels as K
-from pldr_core.attention import EPS_ADJ
-from pldr_core.config import preset
 from pldr_core.build import build_model
+from pldr_core.config import preset
+from pldr_core.kernels import MetricPath
 
 MODES = ("fp32", "tf32", "tf32x3", "bf16", "bf16x2")
 GLU_ONLY_MODES = ("bf16",)  # modes the ``glu`` placement takes but ``chain`` and ``a0`` do not
@@ -168,54 +167,37 @@ class EmulationStats:
     calls: int = 0
 
 
-def _metric_fns(precision: MetricPrecision, stats: EmulationStats):
-    """``fused_metric_A`` and ``fused_metric_chain`` (same maths) with emulated matmul precision."""
+@dataclass(frozen=True)
+class _EmulatedPath(MetricPath):
+    """The fused torch metric path with ``emulation``'s matmul operands; counts q^T q products."""
 
-    def metric_A(attn, q):
-        stats.calls += 1
-        A = matmul(q.transpose(-1, -2), q, precision.a0)
-        ln = attn.layernorm1
-        A = F.layer_norm(A, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-        for unit in attn.reslayerAs:
-            h = A
-            for glu in unit.denseAs:
-                w12 = torch.cat((glu.gluw1.weight, glu.gluw2.weight), 0)
-                b12 = torch.cat((glu.gluw1.bias, glu.gluw2.bias), 0)
-                a, b = linear(h, w12, b12, precision.glu).chunk(2, dim=-1)
-                h = linear(F.silu(a) * b, glu.gluw3.weight, glu.gluw3.bias, precision.glu)
-            ln = unit.layernormA
-            A = F.layer_norm(A + h, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-        return A
+    emulation: MetricPrecision = MetricPrecision()
+    stats: EmulationStats = None
 
-    def metric_chain(params, A):
-        z = matmul(params.Wlst, A, precision.chain) + params.blst
-        A_LM = z * F.silu(z) + EPS_ADJ
-        A_P = torch.pow(A_LM, params.pwlst)
-        G_LM = matmul(params.alst, A_P, precision.chain) + params.balst
-        return A_LM, A_P, G_LM
+    def matmul(self, a, b, part):
+        if part == "a0":
+            self.stats.calls += 1
+        return matmul(a, b, self.emulation.a0 if part == "a0" else self.emulation.chain)
 
-    return metric_A, metric_chain
+    def linear(self, x, weight, bias):
+        return linear(x, weight, bias, self.emulation.glu)
 
 
 @contextlib.contextmanager
-def emulated_metric_path(precision: MetricPrecision | None):
-    """Within the block, fused models (``enable_fused(model, kernel="torch")``) run their metric path
-    with ``precision``'s emulated matmuls; ``None`` leaves the real fused path in place.
-
-    ``FusedPLGAttention.metric_A`` / ``FusedPLGAParams.forward`` look ``fused_metric_A`` /
-    ``fused_metric_chain`` up in ``pldr_core.kernels`` at call time, so swapping those globals is
-    enough; they are restored on exit. The emulation ignores ``metric_kernel`` (no Triton).
-    """
+def emulated_metric_path(model, precision: MetricPrecision | None):
+    """Within the block, ``model`` runs its metric path on the fused torch formulation with
+    ``precision``'s emulated matmuls; ``None`` leaves its own metric path in place. The previous
+    setting is restored on exit."""
     stats = EmulationStats()
     if precision is None:
         yield stats
         return
-    saved = K.fused_metric_A, K.fused_metric_chain
-    K.fused_metric_A, K.fused_metric_chain = _metric_fns(precision, stats)
+    saved = model.metric_path
+    model.set_metric_path(_EmulatedPath(fused=True, kernel="torch", emulation=precision, stats=stats))
     try:
         yield stats
     finally:
-        K.fused_metric_A, K.fused_metric_chain = saved
+        model.set_metric_path(saved)
 
 
 # ---- (a) gradient error against float64 -------------------------------------------------------------
@@ -264,7 +246,7 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def make_fused(model):
     """``model`` with the torch formulation of the fused metric path (what the emulation replaces)."""
-    if K.enable_fused(model, kernel="torch") == 0:
+    if model.set_metric_path(MetricPath(fused=True, kernel="torch")) == 0:
         raise ValueError("the model has no learned metric path (g_mode must be 'learned')")
     return model
 
@@ -272,13 +254,13 @@ def make_fused(model):
 def gradients(model, tokens: torch.Tensor, setting: Setting, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Parameter gradients of a copy of ``model`` in ``dtype`` under ``setting`` (one fwd/bwd)."""
     m = make_fused(copy.deepcopy(model).to(dtype).train())
-    with emulated_metric_path(setting.metric) as stats:
+    with emulated_metric_path(m, setting.metric) as stats:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting.autocast):
             loss = next_token_loss(m(tokens).logits, tokens)
         loss.backward()
     if setting.metric is not None and stats.calls != m.config.num_layers:
         raise RuntimeError(f"the emulated metric path ran {stats.calls} times, expected "
-                           f"{m.config.num_layers}: is the fused path still calling the module globals?")
+                           f"{m.config.num_layers}: does the fused path take its matmuls from the MetricPath?")
     return {name: p.grad.detach().double() for name, p in m.named_parameters()}
 
 
@@ -356,7 +338,7 @@ def train(model, run: Run, train_rows: np.ndarray, batches: np.ndarray, val: tor
     opt = torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
     losses = []
     start = time.time()
-    with emulated_metric_path(run.metric):
+    with emulated_metric_path(m, run.metric):
         for step, rows in enumerate(batches):
             for group in opt.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / warmup)

@@ -18,8 +18,8 @@ import copy
 
 import torch
 
-from pldr_core.config import preset
 from pldr_core.build import build_model
+from pldr_core.config import preset
 from pldr_core.kernels import glu_stack as gs
 
 GRID = {  # (rows per program, hidden chunk width, warps, stages)

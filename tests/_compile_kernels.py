@@ -1,13 +1,16 @@
-"""Compile the metric-path Triton kernels for sm_90 (H100/H200) without a GPU; print shared memory.
+"""Compile the metric-path Triton kernels for sm_90 (Hopper) without a GPU; print shared memory.
 
 Run by tests/test_kernels.py in a subprocess: the test process runs Triton in interpreter mode, which
 cannot compile. Arguments: the precisions to compile.
 """
 
-import json, sys
+import json
+import sys
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
 from pldr_core.kernels import _glu_triton as k
 from pldr_core.kernels.glu_stack import tuning
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_model
+
 from pldr_core.attention import apply_rope, rope_angles
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from pldr_core.cache import GCache, KVCache
 from pldr_core.generate import decode_steps
 from pldr_core.model import PLDRModel

@@ -26,12 +26,10 @@ import statistics
 
 import pytest
 import torch
-
 from conftest import load_script
-import pldr_core.kernels as K
-from pldr_core.config import preset
-from pldr_core.build import build_model
 
+from pldr_core.build import build_model
+from pldr_core.config import preset
 
 study = load_script("metric_precision_study")
 
@@ -115,26 +113,27 @@ def test_emulated_matmul_forward_and_backward(mode, lo, hi):
 
 
 def test_emulated_metric_path_is_the_fused_path_and_is_restored():
-    originals = K.fused_metric_A, K.fused_metric_chain
     model = study.make_fused(_tiny(0).double().train())
+    original = model.metric_path
     x = _tokens(0)
     plain = model(x, return_deductive=True)
-    with study.emulated_metric_path(study.MetricPrecision()) as stats:
+    with study.emulated_metric_path(model, study.MetricPrecision()) as stats:
         emulated = model(x, return_deductive=True)
-    assert stats.calls == model.config.num_layers                # FusedPLGAttention went through it
-    assert (K.fused_metric_A, K.fused_metric_chain) == originals
+    assert stats.calls == model.config.num_layers                # every layer's metric path went through it
+    assert model.metric_path is original
     torch.testing.assert_close(emulated.logits, plain.logits, rtol=0, atol=1e-12)
     for d_plain, d_emulated in zip(plain.deductive, emulated.deductive):
         for key in ("A", "A_LM", "A_P", "G_LM"):
             torch.testing.assert_close(d_emulated[key], d_plain[key], rtol=0, atol=1e-12)
 
     model32 = study.make_fused(_tiny(0).train())
-    with study.emulated_metric_path(study.TF32):
+    original32 = model32.metric_path
+    with study.emulated_metric_path(model32, study.TF32):
         tf32 = model32(x, return_deductive=True).deductive[0]["A"]
     assert not torch.equal(tf32, model32(x, return_deductive=True).deductive[0]["A"])
-    with pytest.raises(RuntimeError), study.emulated_metric_path(study.TF32):
+    with pytest.raises(RuntimeError), study.emulated_metric_path(model32, study.TF32):
         raise RuntimeError  # restored on errors too
-    assert (K.fused_metric_A, K.fused_metric_chain) == originals
+    assert model32.metric_path is original32
 
 
 # ---- the claim ------------------------------------------------------------------------------------
@@ -175,7 +174,7 @@ def test_reduced_metric_precision_does_not_worsen_bf16_autocast_gradients(alone,
 
 def _metric_tensors(model, tokens: torch.Tensor, setting) -> list[torch.Tensor]:
     """Each layer's metric tensor A (after the residual GLU units), in float64, from one forward."""
-    with torch.no_grad(), study.emulated_metric_path(setting.metric) as stats, \
+    with torch.no_grad(), study.emulated_metric_path(model, setting.metric) as stats, \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting.autocast):
         out = model(tokens, return_deductive=True)
     if setting.metric is not None:

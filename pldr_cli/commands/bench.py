@@ -13,7 +13,7 @@ EPILOG = """Examples:
 
   pldr bench --preset tiny                       # CPU smoke run, well under a minute
 
-  pldr bench all --preset paper-110m --json bench.json      # the SPEC section 8 figures (GPU)
+  pldr bench all --preset paper-110m --json bench.json      # the full benchmark (GPU)
 
   pldr bench train --preset paper-110m --metric-precision fp32   # fp32 metric path, for comparison
 

@@ -1,4 +1,4 @@
-"""Triton kernels for the residual GLU stack of the metric path (SPEC section 1, step 3).
+"""Triton kernels for the residual GLU stack of the metric path (LN_A and the residual units on A).
 
 The stack maps every row of the metric tensor on its own: each of the B*H*dk rows of A0 = q^T q is a
 dk-vector that goes through LN_A and then ``num_reslayerA`` residual units, each a chain of
@@ -22,7 +22,7 @@ gradient comes out of the stack's backward as a contiguous slice in the paramete
 autograd hands over without a copy. Matmuls are fp32 (``precision="ieee"``) by
 default; ``"tf32"`` uses TF32 tensor cores and ``"bf16"`` rounds every matmul operand to bfloat16
 (what bf16 autocast does to a Linear), accumulating in fp32, with the LayerNorms, residual adds and
-gradients in fp32 (``pldr_core.kernels.prepare_metric_path`` says what training uses and why).
+gradients in fp32 (``pldr_core.kernels.prepare_metric_path`` says what training uses).
 
 ``glu_stack`` is the entry point; it is a ``torch.library`` custom op, so ``torch.compile`` (and CUDA
 graphs) treat it as one opaque call. On CPU tensors it runs the same kernels in Triton's interpreter,
@@ -37,27 +37,10 @@ import functools
 import torch
 
 # Per operand precision and kernel: rows per program (BM), hidden chunk width (BF), warps,
-# software-pipelining stages (more stages need more shared memory).
-# Measured on an H200 at the paper-110m shape (14,336 rows, 8 units of 2 GLUs), each kernel timed
-# alone (scripts/tune_glu_kernels.py runs the same grid):
-# - TF32 (fp32 "ieee" uses the same): forward 276 us at 64 rows and 1 stage (406 with 2 stages, 387 at
-#   128 rows with 8 warps); backward for the data 326 us at 64 rows and 2 stages (339 with 1);
-#   backward for the weights 491 us at 64 rows and 2 stages with 8-11 row splits (598 at 32 rows,
-#   1 stage, 5 splits). All three are bound by L1/shared-memory traffic (Nsight Compute: L1 68%, L2 9%,
-#   DRAM 5% for the forward), at 2 programs per SM (255 registers). Neither TMA descriptors for the
-#   weights nor one matmul for W1|W2 (and one for [da|db] @ [W1|W2]^T) was faster. 32-wide chunks:
-#   ptxas -v shows 64-wide ones spilling 1-2 KB per thread in fp32.
-# - bf16 operands (half the shared-memory bytes, bf16 tensor cores): forward 152 us with 64-wide
-#   chunks (177 with 32), backward for the data 237 (250), backward for the weights 367 us at 64 rows,
-#   32-wide chunks and 1 stage (406 with 2 stages, 580 with 64-wide chunks). The saved GLU inputs are
-#   stored in bf16 too (the backward only multiplies by them): 171/248/382 us against 177/250/406
-#   (32-wide chunks, 2 stages for the weights). With W1/W2 tiles loaded once per program in the
-#   weights kernel (not once per row block), scripts/tune_glu_kernels.py --precisions bf16 timed the
-#   settings below at 127 us (forward) and 575 us (both backward kernels together; 604 before).
-#   Then, with the gradient at each GLU output stored in bf16 (the weight kernel reads it once per
-#   hidden chunk and only multiplies by it) and db3 summed in the data kernel: both backward kernels
-#   441 us at these settings (423-474 us for the other weight-kernel rows tried; the tuner's timings
-#   drift by ~10% between runs, so the settings were kept).
+# software-pipelining stages (more stages need more shared memory); scripts/tune_glu_kernels.py times
+# a grid of them at the paper-110m shape. The kernels are bound by L1/shared-memory traffic; 32-wide
+# chunks in fp32 because 64-wide ones spill registers, 64-wide in bf16 (half the bytes) except in
+# the weight kernel.
 TUNING = {
     "tf32": {
         "fwd": {"BM": 64, "BF": 32, "num_warps": 4, "num_stages": 1},
@@ -71,6 +54,7 @@ TUNING = {
     },
 }
 PRECISIONS = ("ieee", "tf32", "bf16")
+OPERANDS = {"fp32": "ieee", "tf32": "tf32", "bf16": "bf16"}  # MetricPrecision -> the kernels' precision
 
 
 def available() -> bool:
@@ -107,9 +91,8 @@ _ALIGN = 8  # hidden units: 16-byte rows in bf16, and whole 8-wide groups under 
 def _operands(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, precision: str):
     """W1, W2 [U*J, FA, D] and W3 [U*J, D, FA] as the kernels read them: the hidden size F zero-padded
     to FA, a multiple of 8, and bf16 copies for "bf16". Made inside the ops, so the parameters'
-    gradients keep their own layout. Unpadded (F = 170 at the paper shape), Triton split the loads
-    along the hidden size into 4-byte pieces and the fp32 weight kernel spilled registers in its loop
-    (sm_90 code read in review; not timed)."""
+    gradients keep their own layout. Padded because an odd hidden size made Triton split the loads
+    along it into 4-byte pieces."""
     dtype = torch.bfloat16 if precision == "bf16" else w1.dtype
     pad = -w1.shape[1] % _ALIGN
     pad_rows = torch.nn.functional.pad

@@ -1,15 +1,15 @@
-"""One decode-step kernel for the engine's fixed-G_LM path: rotary embeddings and the KV-cache write.
+"""One decode-step kernel for a fixed G_LM: rotary embeddings and the KV-cache write.
 
-With a fixed G_LM the decode engine caches each key as G_LM R_p k (R_p: its rotary embedding at
-position p; see ``pldr_core.engine``). Written with torch ops, the product is a reduction over the head
-dimension, and torch.compile gave the step one more kernel per layer than the identity-G model's
-(``decode_qkv``'s docstring has the profile). ``decode_qkv`` is that part of the step as one Triton
-kernel per layer: from the step's q|k|v projection it rotates q and k, stores G_LM k and v at the
-current position of the [L, B, H, T, dk] caches (in place), and returns the rotated q.
+With a fixed G_LM the decode step caches each key as G_LM R_p k (R_p: its rotary embedding at
+position p; see ``pldr_core.attention.DecodeState``). Written with torch ops, the product is a
+reduction over the head dimension that torch.compile cannot merge with the rotation, so the step
+has one more kernel per layer than the identity-G model's. ``decode_qkv`` is that part of the step as
+one Triton kernel per layer: from the step's q|k|v projection it rotates q and k, stores G_LM k and v
+at the current position of the [L, B, H, T, dk] caches (in place), and returns the rotated q.
 
 It is a ``torch.library`` custom op that mutates the two whole cache tensors (never a per-layer view:
 a view made the compiled step copy the cache back), so a CUDA graph captures it as one launch.
-``applies`` says when the engine can use it; otherwise the engine's torch formulation runs.
+``applies`` says when the step can use it; otherwise the step's torch formulation runs.
 """
 
 from __future__ import annotations
@@ -38,11 +38,7 @@ def decode_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: tor
     [T, dk/2] the rotary tables (contiguous); ``pos`` [1] (a tensor, so a captured graph serves every
     step); ``G`` [L, B, H, dk, dk] (any strides outside the last two dims, which are contiguous);
     caches [L, B, H, T, dk] with the same strides. The rotations are rounded to qkv's dtype, as the
-    model's own rotation leaves them; the product G k accumulates in fp32 (fp64 for fp64 caches).
-
-    Profile of one compiled step (paper-110m, batch 16, H200): with the torch formulation of G k,
-    76 kernels and 321 us busy against identity-G's 71 and 292; every layer had a rotary kernel and a
-    product-and-write kernel where identity-G has one rotate-and-write kernel."""
+    model's own rotation leaves them; the product G k accumulates in fp32 (fp64 for fp64 caches)."""
     from pldr_core.kernels import _kv_triton
 
     L, B, H, T, dk = k_cache.shape
