@@ -128,7 +128,7 @@ def load_config(path: str | Path) -> PLDRConfig:
         return PLDRConfig.from_json(path / CONFIG_FILE)
     if layout == "hf":
         return hf_config(json.loads((path / CONFIG_FILE).read_text()))
-    return config_from_state_dict(_read_pth(path))
+    return _read_pth(path)[1]
 
 
 def load_model(path: str | Path, *, device: str | torch.device | None = None,
@@ -137,8 +137,7 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
     layout = detect_layout(path)
     path = Path(path)
     if layout == "pth":
-        sd = _read_pth(path)
-        config = config_from_state_dict(sd)
+        sd, config = _read_pth(path)
     else:
         sd = _read_safetensors(path / WEIGHTS_FILE)
         if layout == "hf":
@@ -164,17 +163,20 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise PLDRError(f"{file} is not a readable safetensors file ({exc})") from None
 
 
-def _read_pth(file: Path) -> dict[str, torch.Tensor]:
+def _read_pth(file: Path) -> tuple[dict[str, torch.Tensor], PLDRConfig]:
+    """The state dict and config of a ``.pth``: its ``config`` dict where pldr wrote one, else inferred."""
     try:
         obj = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe pickles
         raise PLDRError(f"cannot read {file} as a weights-only checkpoint ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    config = obj.get("config") if isinstance(obj, dict) else None
     if isinstance(obj, dict) and "model_state_dict" in obj:
         obj = obj["model_state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PLDRError(f"{file} holds no model_state_dict of tensors")
-    return clean_state_dict(obj)
+    sd = clean_state_dict(obj)
+    return sd, PLDRConfig.from_dict(config) if isinstance(config, dict) else config_from_state_dict(sd)
 
 
 def _load_weights(model: PLDRModel, sd: dict, source: Path) -> None:
@@ -203,7 +205,9 @@ def hf_config(data: dict) -> PLDRConfig:
     head_dim = data.get("head_dim", 64)
     d = data.get("hidden_size") or heads * head_dim
     g_type = data.get("custom_G_type")
-    g_mode = {None: GMode.LEARNED, "identity": GMode.IDENTITY, "random": GMode.FIXED,
+    # "random" is our seeded random G only where pldr wrote its seed; otherwise a frozen, fixed G
+    g_mode = {None: GMode.LEARNED, "identity": GMode.IDENTITY,
+              "random": GMode.RANDOM if "g_random_seed" in data else GMode.FIXED,
               "external": GMode.FIXED}.get(g_type)
     if g_mode is None:
         raise PLDRError(f"unknown custom_G_type {g_type!r} in the HF config")
@@ -216,6 +220,8 @@ def hf_config(data: dict) -> PLDRConfig:
         rope_style="interleaved" if data.get("reference_rope", True) else "half",
         rope_base=float(data.get("rope_theta", 10000.0)),
         layer_norm_eps=data.get("layer_norm_eps", 1e-6), g_mode=g_mode,
+        g_random_mean=data.get("g_random_mean", 0.0), g_random_std=data.get("g_random_std", 1.0),
+        g_random_seed=data.get("g_random_seed", 0),
         g_source=f"hf custom_G_type={g_type}" if g_type else None,
         pad_id=data.get("pad_token_id") or 0, bos_id=data.get("bos_token_id", 2),
         eos_id=data.get("eos_token_id", 3),
@@ -226,7 +232,7 @@ def _hf_state_dict(sd: dict, config: PLDRConfig) -> dict:
     """HF tensor names equal the reference ones, plus ``decoder.past_G_values`` for predefined G."""
     sd = {k: v for k, v in sd.items() if k not in ("decoder.past_G_values_status",)}
     past = sd.pop("decoder.past_G_values", None)
-    if config.g_mode is GMode.FIXED:
+    if config.has_frozen_g:
         if past is None:
             raise PLDRError("HF model with a predefined G has no decoder.past_G_values tensor")
         # [L, 3, 1, H, dk, dk]: index 1 is A_LM, index 2 is G_LM
