@@ -212,7 +212,7 @@ def test_prepare_metric_path_for_training():
 
     from pldr_cli.commands import bench, pretrain
     from pldr_core.kernels import DEFAULT_METRIC_PRECISION, is_fused, prepare_metric_path
-    from pldr_core.train import TrainArgs
+    from pldr_core.training import TrainArgs
 
     # bf16 operands are the default wherever training starts (README: Metric-path precision).
     assert DEFAULT_METRIC_PRECISION == "bf16"

@@ -33,7 +33,7 @@ def tok_dir(tmp_path_factory, spm_model):
 
 
 def _args(tok_dir, out, **kw):
-    from pldr_core.train import TrainArgs
+    from pldr_core.training import TrainArgs
 
     base = dict(data=str(tok_dir), out=str(out), preset="tiny", steps=8, batch_size=4, seq_len=32,
                 lr=3e-3, warmup=2, eval_every=4, eval_batches=2, save_every=4, device="cpu", seed=1)
@@ -46,7 +46,7 @@ def _metrics(run):
 
 
 def test_lr_schedule():
-    from pldr_core.train import lr_at
+    from pldr_core.training.schedule import lr_at
 
     lrs = [lr_at(s, lr=1.0, warmup=4, steps=20) for s in range(20)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
@@ -56,25 +56,25 @@ def test_lr_schedule():
 
 def test_optimizer_is_fused_on_one_gpu_and_foreach_across_ranks():
     from pldr_core.parallel import Dist
-    from pldr_core.train import _optimizer_impl
+    from pldr_core.training.optim import optimizer_impl
 
-    assert _optimizer_impl(Dist(device=torch.device("cuda", 0))) == {"fused": True}
-    assert _optimizer_impl(Dist(world=2, device=torch.device("cuda", 0))) == {"foreach": True}
-    assert _optimizer_impl(Dist()) == {}
+    assert optimizer_impl(Dist(device=torch.device("cuda", 0))) == {"fused": True}
+    assert optimizer_impl(Dist(world=2, device=torch.device("cuda", 0))) == {"foreach": True}
+    assert optimizer_impl(Dist()) == {}
 
 
 def test_resume_uses_this_runs_optimizer_implementation():
     # A foreach checkpoint (as saved before AdamW was fused) resumed on one GPU runs fused, and a
     # fused one resumed on CPU runs torch's default there.
     from pldr_core.parallel import Dist
-    from pldr_core.train import _with_optimizer_impl
+    from pldr_core.training.optim import with_optimizer_impl
 
     saved = {"state": {}, "param_groups": [{"lr": 1e-3, "foreach": True, "fused": None, "params": [0]}]}
-    groups = _with_optimizer_impl(saved, Dist(device=torch.device("cuda", 0)))["param_groups"]
+    groups = with_optimizer_impl(saved, Dist(device=torch.device("cuda", 0)))["param_groups"]
     assert groups == [{"lr": 1e-3, "foreach": None, "fused": True, "params": [0]}]
     saved["param_groups"][0].update(foreach=None, fused=True)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
-    opt.load_state_dict(_with_optimizer_impl(saved, Dist()))
+    opt.load_state_dict(with_optimizer_impl(saved, Dist()))
     assert opt.param_groups[0]["fused"] is None and opt.param_groups[0]["foreach"] is None
 
 
@@ -90,7 +90,7 @@ def test_pretrain_learns_and_writes_run(tmp_path, tok_dir):
         assert all(np.isfinite(x[key]) for x in train), key
     # The three DAG terms are logged for a learned-G model even with zero coefficients: every
     # DAG_LOG_EVERY steps and at validations (every step only when they are in the loss).
-    from pldr_core.train import DAG_LOG_EVERY
+    from pldr_core.training import DAG_LOG_EVERY
 
     with_dag = [x["step"] for x in train if {"dag_A_LM", "dag_A_P", "dag_G_LM"} <= set(x)]
     assert with_dag == [s for s in range(1, 31) if s % DAG_LOG_EVERY == 0 or s % 10 == 0]
@@ -112,7 +112,7 @@ def test_pretrain_learns_and_writes_run(tmp_path, tok_dir):
 def test_resume_is_bitwise(tmp_path, tok_dir):
     from safetensors.torch import load_file
 
-    from pldr_core.train import pretrain
+    from pldr_core.training import pretrain
 
     full = pretrain(_args(tok_dir, tmp_path / "full", dag=(0.01, 0.01, 0.01)))
     part = pretrain(_args(tok_dir, tmp_path / "part", dag=(0.01, 0.01, 0.01), stop_after=4))
@@ -129,7 +129,7 @@ def test_resume_is_bitwise(tmp_path, tok_dir):
 
 
 def test_bad_inputs_exit_2_and_write_nothing(tmp_path, tok_dir):
-    from pldr_core.train import pretrain
+    from pldr_core.training import pretrain
 
     cases = {
         "seq": ["--seq-len", 4096],
@@ -180,7 +180,7 @@ def test_nan_loss_is_reported_with_the_step(tmp_path, tok_dir):
 
 
 def test_resume_can_extend_a_finished_run(tmp_path, tok_dir):
-    from pldr_core.train import pretrain
+    from pldr_core.training import pretrain
 
     args = dict(warmup=None, eval_every=4)
     first = pretrain(_args(tok_dir, tmp_path / "run", steps=8, **args))
@@ -198,7 +198,7 @@ def test_resume_can_extend_a_finished_run(tmp_path, tok_dir):
 def test_cuda_graph_training_matches_per_layer_compile(tmp_path, tok_dir):
     """--compile-mode graphs (whole model as CUDA graphs) trains like per-layer compile, also with
     gradient accumulation (non-final micro-batch gradients must leave the graph pool) and DAG terms."""
-    from pldr_core.train import pretrain
+    from pldr_core.training import pretrain
 
     curves = {}
     for mode in ("graphs", "layers"):

@@ -236,7 +236,7 @@ def prepare_metric_path(model, device=None, *, metric_precision: str = DEFAULT_M
     trains learned-G at 0.850-0.857x identity-G with them (TF32 with earlier kernels: 0.734x) and
     ``pldr pretrain`` at a median 686k tokens/s over steps 11-40 (4k vocabulary; TF32 with earlier
     kernels 557k-562k). bf16 runs were uneven until pretrain's AdamW was made fused
-    (``pldr_core.train._optimizer_impl``).
+    (``pldr_core.training.optim.optimizer_impl``).
     """
     check_metric_precision(metric_precision)
     device = torch.device(device) if device is not None else next(model.parameters()).device
