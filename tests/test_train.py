@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from pldr_cli.app import app
 
 
-def _run(*args):
-    return CliRunner().invoke(app, list(map(str, args)))
+def _run(*args, env=None):
+    return CliRunner().invoke(app, list(map(str, args)), env=env)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +170,48 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, tok_dir):
     # an existing run without --resume
     r = _run("pretrain", "--data", tok_dir, "--out", tmp_path / "other", "--device", "cpu")
     assert r.exit_code == 2 and "--resume" in r.output
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1e-3"), ("--lr", "0"),
+    ("--steps", "0"), ("--batch-size", "-4"), ("--grad-accum", "0"), ("--seq-len", "0"),
+    ("--warmup", "-1"), ("--eval-every", "0"), ("--save-every", "0"), ("--eval-batches", "0"),
+    ("--keep", "0"), ("--seed", "-1"), ("--dag", "nan,0,0"), ("--dag", "0,inf,0"), ("--dag", "0,0,-1"),
+])
+def test_bad_numbers_exit_2_naming_the_option_before_anything_exists(tmp_path, tok_dir, option, value):
+    out = tmp_path / "run"
+    steps = [] if option == "--steps" else ["--steps", 2]
+    r = _run("pretrain", "--data", tok_dir, "--out", out, "--batch-size", 4, "--seq-len", 32,
+             "--device", "cpu", *steps, option, value)
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and option in lines[0], r.output
+    assert "Traceback" not in r.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("min_lr_ratio", 1.5), ("min_lr_ratio", float("nan")), ("weight_decay", float("inf")),
+    ("weight_decay", -0.1), ("log_every", 0), ("stop_after", 0), ("lr", float("-inf")), ("steps", 2.5),
+])
+def test_train_args_are_checked_before_anything_exists(tmp_path, tok_dir, field, value):
+    from pldr_core.errors import PLDRError
+    from pldr_core.training import pretrain
+
+    out = tmp_path / "run"
+    with pytest.raises(PLDRError, match="--" + field.replace("_", "-")):
+        pretrain(_args(tok_dir, out, **{field: value}))
+    assert not out.exists()
+
+
+def test_paths_are_printed_whole_in_a_narrow_terminal(tmp_path, tok_dir):
+    run = tmp_path / "a-run-folder-with-a-name-longer-than-the-terminal"
+    r = _run("pretrain", "--data", tok_dir, "--out", run, "--steps", 2, "--batch-size", 4, "--seq-len", 32,
+             "--eval-every", 2, "--save-every", 2, "--device", "cpu", env={"COLUMNS": "40"})
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert any(str(run / "final") in line for line in lines if line.startswith("done: ")), r.output
+    assert any(str(run / "step-00000002") in line for line in lines), r.output
 
 
 def test_nan_loss_is_reported_with_the_step(tmp_path, tok_dir):
