@@ -251,3 +251,22 @@ def test_cuda_graph_training_matches_per_layer_compile(tmp_path, tok_dir):
         curves[mode] = [r["loss"] for r in logs if "loss" in r]
     assert len(curves["graphs"]) == 8
     assert curves["graphs"] == pytest.approx(curves["layers"], abs=2e-2)
+
+
+def test_checkpoint_manager_keeps_the_newest_and_loads_them(tmp_path, tok_dir):
+    from pldr_core.checkpoint import fingerprint, load_config, load_model
+    from pldr_core.model import PLDRModel
+    from pldr_core.parallel import Dist
+    from pldr_core.training import pretrain
+    from pldr_core.training.checkpointing import CheckpointManager, TrainState
+
+    run = tmp_path / "run"
+    result = pretrain(_args(tok_dir, run, steps=4, save_every=1, keep=2))
+    manager = CheckpointManager(run, Dist(), keep=2, tokenizer=None)
+    assert [p.name for p in manager.checkpoints()] == ["step-00000003", "step-00000004"]
+    assert manager.latest() == run / "step-00000004" == result.checkpoint
+    model = PLDRModel(load_config(run / "final"))
+    state = manager.load(manager.latest(), model)
+    assert state == TrainState(step=4, samples_seen=4 * 4, tokens_seen=4 * 4 * 32,
+                               first_val_loss=result.first_val_loss)
+    assert fingerprint(model) == fingerprint(load_model(run / "final"))
