@@ -146,7 +146,7 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
         else:
             config = PLDRConfig.from_json(path / CONFIG_FILE)
     model = PLDRModel(config)
-    _load_weights(model, sd, path)
+    load_weights(model, sd, path)
     model.eval()
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
@@ -179,7 +179,9 @@ def _read_pth(file: Path) -> tuple[dict[str, torch.Tensor], PLDRConfig]:
     return sd, PLDRConfig.from_dict(config) if isinstance(config, dict) else config_from_state_dict(sd)
 
 
-def _load_weights(model: PLDRModel, sd: dict, source: Path) -> None:
+def load_weights(model: PLDRModel, sd: dict, source: Path) -> None:
+    """Copy the state dict ``sd`` (read from ``source``) into ``model``; PLDRError naming the first
+    missing, unexpected or mis-shaped tensor when they do not fit its config."""
     sd = {k: v for k, v in clean_state_dict(sd).items() if ".rotary_embedding." not in k}
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]

@@ -28,7 +28,7 @@ from pldr_core.config import GMode
 from pldr_core.errors import PLDRError
 from pldr_core.files import atomic_path, atomic_write_text, read_text_lines
 from pldr_core.generate import decode_steps
-from pldr_core.model import dag_loss_term
+from pldr_core.training.losses import dag_loss_term
 
 STAT_TENSORS = ("A_LM", "A_P", "G_LM")
 """The deductive outputs the statistics are computed for (A is dumped, not summarised)."""

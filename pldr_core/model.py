@@ -239,37 +239,3 @@ def random_g(config: PLDRConfig) -> torch.Tensor:
     gen = torch.Generator().manual_seed(config.g_random_seed)
     shape = (config.num_layers, config.num_heads, config.head_dim, config.head_dim)
     return torch.randn(shape, generator=gen) * config.g_random_std + config.g_random_mean
-
-
-def _dag_values(M: torch.Tensor) -> torch.Tensor:
-    """| log( trace(exp(M o M)) / dk ) | of every dk x dk matrix in M [..., dk, dk] (matrix exp in fp32)."""
-    dk = M.shape[-1]
-    E = torch.linalg.matrix_exp((M.float() * M.float()))
-    return torch.log(E.diagonal(dim1=-2, dim2=-1).sum(-1) / dk).abs()
-
-
-def dag_loss_term(M: torch.Tensor) -> torch.Tensor:
-    """DL(M) = | log( trace(exp(M o M)) / dk ) | averaged over batch and heads (matrix exp in fp32)."""
-    return _dag_values(M).mean()
-
-
-def dag_terms(deductive: list[LayerDeductive]) -> dict[str, torch.Tensor]:
-    """The three DAG terms {A_LM, A_P, G_LM} averaged over layers, for the tensors the model has.
-
-    Each term is the mean over layers of ``dag_loss_term``. When every tensor has one shape, all of
-    them go through a single batched matrix exponential: ``torch.linalg.matrix_exp`` costs host syncs
-    and several kernels per call, and one call per layer and tensor (15 at paper-110m) added ~20-27 ms
-    to every logged training step on an H200 (``pldr pretrain`` logs them every ``DAG_LOG_EVERY`` steps).
-    """
-    tensors = [(key, d[key]) for key in ("A_LM", "A_P", "G_LM") for d in deductive
-               if d is not None and key in d]
-    if not tensors:
-        return {}
-    if len({M.shape for _, M in tensors}) == 1:
-        per_layer = _dag_values(torch.stack([M for _, M in tensors])).reshape(len(tensors), -1).mean(1)
-    else:
-        per_layer = torch.stack([dag_loss_term(M) for _, M in tensors])
-    out = {}
-    for key in dict.fromkeys(k for k, _ in tensors):
-        out[key] = per_layer[[i for i, (k, _) in enumerate(tensors) if k == key]].mean()
-    return out

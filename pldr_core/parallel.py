@@ -8,6 +8,7 @@ replicated with DDP.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -70,14 +71,12 @@ def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     if not d.enabled:
         return model
     if d.device.type == "cuda":
-
         # Parameters stay fp32 (the metric path is fp32 by design); bf16 comes from autocast.
         mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
         for layer in model.decoder.dec_layers:
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
-
     return DDP(model)
 
 
@@ -102,22 +101,43 @@ def barrier(d: Dist) -> None:
 
 
 def state_options(full: bool = True, broadcast: bool = False):
-
     return StateDictOptions(full_state_dict=full, cpu_offload=True, broadcast_from_rank0=broadcast)
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU state dict with plain names; a collective under FSDP2."""
-
     return get_model_state_dict(model, options=state_options())
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer) -> dict:
     """Full optimizer state keyed by parameter names; a collective under FSDP2."""
-
     return get_optimizer_state_dict(model, optimizer, options=state_options())
 
 
-def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, d: Dist) -> None:
-
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
+    """Load a full optimizer state (``full_optimizer_state``) into this rank's optimizer."""
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=state_options())
+
+
+@contextlib.contextmanager
+def grad_sync(model: torch.nn.Module, sync: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch (DDP no_sync / FSDP2 flag)."""
+    if sync:
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of ``grads``; FSDP2's sharded gradients give a DTensor, made whole here."""
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

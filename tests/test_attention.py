@@ -126,7 +126,7 @@ def test_metric_path_is_float32_under_bf16_autocast():
 
 
 def test_dag_terms_formula():
-    from pldr_core.model import dag_loss_term, dag_terms
+    from pldr_core.training.losses import dag_loss_term, dag_terms
 
     M = torch.randn(2, 3, 4, 4)
     expected = torch.stack([
@@ -143,7 +143,7 @@ def test_dag_terms_formula():
 def test_dag_terms_are_the_layer_mean_of_dag_loss_term_with_its_gradient(same_shapes):
     # dag_terms batches every tensor into one matrix exponential when the shapes allow: the values
     # and the gradients (the terms can be in the loss) are those of one dag_loss_term per layer.
-    from pldr_core.model import dag_loss_term, dag_terms
+    from pldr_core.training.losses import dag_loss_term, dag_terms
 
     gen = torch.Generator().manual_seed(0)
     shapes = [(2, 3, 4, 4)] * 3 if same_shapes else [(2, 3, 4, 4), (1, 3, 4, 4), (2, 3, 4, 4)]

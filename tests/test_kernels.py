@@ -218,9 +218,9 @@ def test_prepare_metric_path_for_training():
 
     from pldr_cli.commands import bench, pretrain
     from pldr_core.kernels import DEFAULT_METRIC_PRECISION, prepare_metric_path
-    from pldr_core.train import TrainArgs
+    from pldr_core.training import TrainArgs
 
-    # bf16 operands are the default wherever training starts (README: Metric-path precision).
+    # bf16 operands are the default wherever training starts (docs/model.md: numerics of the metric path).
     assert DEFAULT_METRIC_PRECISION == "bf16"
     assert TrainArgs(data="d", out="o").metric_precision == DEFAULT_METRIC_PRECISION
     for command in (pretrain.pretrain, bench.bench):

@@ -20,7 +20,7 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, args) -> None:
     import torch
 
-    from pldr_core.train import pretrain
+    from pldr_core.training import pretrain
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -31,10 +31,10 @@ def _worker(rank: int, world: int, port: int, args) -> None:
 def test_two_process_gloo_matches_one_process(tmp_path, tok_dir):  # noqa: F811
     import torch
 
-    from pldr_core.train import pretrain
+    from pldr_core.training import pretrain
 
     kw = dict(steps=4, batch_size=4, grad_accum=1, eval_every=2, save_every=2)
-    one = pretrain(_args(tok_dir, tmp_path / "one", **kw))
+    pretrain(_args(tok_dir, tmp_path / "one", **kw))
     two_args = _args(tok_dir, tmp_path / "two", **kw)
     mp.start_processes(_worker, args=(2, _free_port(), two_args), nprocs=2, join=True, start_method="fork")
     lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 
 from pldr_cli._common import LiveDisplay, console, handle_errors, is_terminal
+from pldr_core.errors import PLDRError
 
 EPILOG = """Examples:
 
@@ -32,8 +34,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _parse_dag(text: str | None):
-    from pldr_core.errors import PLDRError
-
     if text is None:
         return None
     try:
@@ -64,7 +64,7 @@ class _Display(LiveDisplay):
 
     def _announce(self) -> None:
         if self.note:
-            (self.progress.console if self.rich else self.con).print(self.note)
+            (self.progress.console if self.rich else self.con).print(self.note, soft_wrap=True, markup=False)
             self.note = None
 
     def log(self, rec: dict) -> None:
@@ -85,7 +85,9 @@ class _Display(LiveDisplay):
 
     def event(self, text: str) -> None:
         self._announce()
-        (self.progress.console if self.rich else self.con).print(text, style="dim")
+        # Paths are printed whole (never wrapped) so that they can be copied.
+        (self.progress.console if self.rich else self.con).print(text, style="dim", soft_wrap=True,
+                                                                 markup=False)
 
 
 @handle_errors
@@ -123,16 +125,9 @@ def pretrain(
     keep: int = typer.Option(2, "--keep", help="Step checkpoints to keep."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initialisation and the data order."),
 ) -> None:
-    from pldr_core.errors import PLDRError
-    from pldr_core.train import TrainArgs, pretrain as run_pretrain
+    from pldr_core.training import TrainArgs
+    from pldr_core.training import pretrain as run_pretrain
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise PLDRError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise PLDRError("--device cuda but no CUDA device is available")
     args = TrainArgs(data=str(data), out=str(out), preset=preset,
                      config_file=str(config) if config else None, steps=steps, batch_size=batch_size,
                      grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup=warmup, g_mode=g_mode,
@@ -140,8 +135,6 @@ def pretrain(
                      compile=compile, compile_mode=compile_mode, metric_precision=metric_precision,
                      resume=resume, eval_every=eval_every, eval_batches=eval_batches,
                      save_every=save_every, keep=keep, seed=seed)
-    import os
-
     main = int(os.environ.get("RANK", "0")) == 0
     note = f"pretrain {'resume ' if resume else ''}{preset if not config else config} on {data} -> {out}"
     if main:
@@ -149,17 +142,24 @@ def pretrain(
             result = run_pretrain(args, on_log=disp.log, on_event=disp.event)
     else:
         result = run_pretrain(args)
-    if not main:
-        return
+    if main:
+        _summary(result)
+
+
+def _summary(result) -> None:
+    """The closing lines; paths are printed whole (never wrapped) so that they can be copied."""
+    from rich.text import Text
+
     con = console()
-    last = result.last
     if result.interrupted:
         con.print(f"stopped at step {result.steps_done}; checkpoint {result.checkpoint}; continue with "
-                  "the same command and --resume")
+                  "the same command and --resume", soft_wrap=True, markup=False)
         raise typer.Exit(130)
+    last = result.last
     parts = [f"done: {result.steps_done} steps in {result.elapsed_s:.1f}s"]
     if "loss" in last:
         parts.append(f"loss {last['loss']:.4f}")
     if result.first_val_loss is not None and result.val_loss is not None:
         parts.append(f"val_loss {result.first_val_loss:.4f} -> {result.val_loss:.4f}")
-    con.print(", ".join(parts) + f"; model in [bold]{result.final_dir}[/]")
+    con.print(Text.assemble(", ".join(parts) + "; model in ", (str(result.final_dir), "bold")),
+              soft_wrap=True)
