@@ -46,18 +46,14 @@ from pldr_core.gcache import read_gcache
 from pldr_core.generate import decode_steps
 from pldr_core.sampling import Sampler, greedy
 from pldr_core.tasks import expand_tasks, plan_tasks
-from pldr_core.tokenizer import Tokenizer, tokenizer_for
+from pldr_core.prompts import find_tokenizer
+from pldr_core.tokenizer import Tokenizer
 
 Progress = Callable[[int, int, str], None]
 """progress(advance, total, description): called as windows/requests finish."""
 
-
-
-
-def load_tokenizer(model_path: str | Path, tokenizer: str | Path | None = None):
-
-    return tokenizer_for(model_path, tokenizer, missing="evaluation needs the model's SentencePiece "
-                         "tokenizer (put it there, or make the model with `pldr init --tokenizer FILE`)")
+EVAL_NEEDS_ONE = ("evaluation needs the model's SentencePiece tokenizer (put it there, or make the model "
+                  "with `pldr init --tokenizer FILE`)")
 
 
 def score_windows(context: list[int], continuation: list[int], max_length: int):
@@ -90,7 +86,7 @@ class PLDRLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise PLDRError("the pldr lm-eval model needs pretrained=MODEL_DIR")
-            tok = load_tokenizer(pretrained, tokenizer)
+            tok = find_tokenizer(pretrained, tokenizer, missing=EVAL_NEEDS_ONE)
             model = load_model(pretrained, device=resolve_device(device), dtype=torch.float32)
         else:
             if tokenizer is None:
@@ -411,7 +407,7 @@ def run_eval(model_path: str | Path, tasks: str | list[str], *, gcache: str | Pa
         raise PLDRError("--gcache and --compare-gcache exclude each other (compare scores both ways)")
     names = expand_tasks(tasks)
     detect_layout(model_path)
-    tok = load_tokenizer(model_path)
+    tok = find_tokenizer(model_path, missing=EVAL_NEEDS_ONE)
     for f in (gcache, compare_gcache):
         if f is not None and not Path(f).is_file():
             raise PLDRError(f"G-cache file not found: {f}")
