@@ -1,4 +1,4 @@
-"""The G-cache file (SPEC section 3): safetensors with ``layers.{i}.G_LM`` and ``layers.{i}.A_LM``
+"""The G-cache file: safetensors with ``layers.{i}.G_LM`` and ``layers.{i}.A_LM``
 ([H, dk, dk] float32 each) and string metadata that ties it to the model it came from."""
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ FORMAT_VERSION = "1"
 def write_gcache(path: str | Path, A_LM: torch.Tensor, G_LM: torch.Tensor, *, fingerprint: str,
                  how: dict | None = None) -> Path:
     """Write [L, H, dk, dk] A_LM and G_LM with their metadata, atomically."""
-
     if A_LM.shape != G_LM.shape or G_LM.dim() != 4:
         raise PLDRError("A_LM and G_LM must both be [L, H, dk, dk]")
     L, H, dk, _ = G_LM.shape
@@ -61,7 +60,6 @@ def read_gcache(path: str | Path, model=None, *, force: bool = False) -> GCache:
     With ``model`` given, shapes must match it, and so must the fingerprint unless ``force`` (a
     same-shape foreign G, for transfer experiments).
     """
-
     path = Path(path)
     if not path.is_file():
         raise PLDRError(f"G-cache file not found: {path}")
@@ -91,7 +89,7 @@ def read_gcache(path: str | Path, model=None, *, force: bool = False) -> GCache:
 
 
 def check_gcache_fits(meta: dict, model, path, *, force: bool = False) -> None:
-
+    """Refuse a G-cache whose shape (or, unless ``force``, fingerprint) is not the model's."""
     cfg = model.config
     want = (cfg.num_layers, cfg.num_heads, cfg.head_dim)
     got = (int(meta["num_layers"]), int(meta["num_heads"]), int(meta["head_dim"]))
@@ -170,7 +168,6 @@ def export_gcache(model, prompts: list[list[int]], out: str | Path, *, reduce: s
     """Run the metric path on ``prompts`` (ids), reduce to one (A_LM, G_LM) per layer ('first': the
     first prompt's; 'mean': the mean over prompts) and write the G-cache file with the model's
     fingerprint. ``labels`` (the prompt texts) go into the file's metadata."""
-
     if reduce not in REDUCTIONS:
         raise PLDRError(f"unknown reduction {reduce!r}; choose first or mean")
     labels = list(labels) if labels is not None else [" ".join(map(str, p)) for p in prompts]

@@ -1,4 +1,4 @@
-"""Autoregressive decoding as a Python generator that yields tokens (SPEC section 2 cache semantics).
+"""Autoregressive decoding as a Python generator that yields tokens.
 
 Cache combinations (``kv`` and ``g`` switches are independent):
 - neither: every step reruns the whole text, so A is recomputed from the whole current text;
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pldr_core.attention import metric_dtype
 from pldr_core.cache import GCache, KVCache
-from pldr_core.device import resolve_device, resolve_dtype
-from pldr_core.sampling import Step, greedy
+from pldr_core.errors import PLDRError
+from pldr_core.sampling import Step, Token, greedy
+from pldr_core.static_decode import feed_ids, static_prefill, sync
 
 
 def _g_cache_for(model, g_cache: bool | GCache, batch: int) -> GCache | None:
@@ -66,24 +66,6 @@ def decode_steps(
 
 # ---- generation as a generator -----------------------------------------------------------------
 @dataclass
-class Token:
-    """One generated token of one prompt (row)."""
-
-    row: int
-    """Which prompt it belongs to (index into the ``prompts`` list)."""
-    id: int
-    """The chosen id."""
-    index: int
-    """0 for the first new token of that row, 1 for the next, ..."""
-    logits: torch.Tensor
-    """[V] the logits it was chosen from."""
-    done: bool
-    """True when the row stops after this token (EOS or ``max_new_tokens``)."""
-    finish_reason: str | None = None
-    """'eos' or 'length' when ``done``."""
-
-
-@dataclass
 class RowTiming:
     prefill_ms: float = 0.0
     """Wall time of this row's prefill (metric path unless a G-cache file is used, KV writes)."""
@@ -113,11 +95,6 @@ class GenerationStats:
     def decode_tokens_per_s(self) -> float | None:
         """Tokens produced by decode steps (all but each row's first) per second of decoding."""
         return (self.new_tokens - len(self.rows)) / self.decode_s if self.decode_s > 0 else None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -151,8 +128,6 @@ def generate(
     eagerly (compiling costs more than it saves there). Each row of a group reports the group's
     prefill time. Same tokens, same EOS stopping, same ``Token``s as the eager path.
     """
-    from pldr_core.errors import PLDRError
-
     if not prompts or any(len(p) == 0 for p in prompts):
         raise PLDRError("every prompt needs at least one token (the empty text encodes to EOS)")
     if max_new_tokens < 1:
@@ -165,8 +140,10 @@ def generate(
     else:
         stats.rows = [RowTiming() for _ in range(B)]
     if compile and kv_cache:
-        yield from _generate_static(model, rows, max_new_tokens=max_new_tokens, g_cache=g_cache,
-                                    sampler=sampler, eos_id=eos_id, stats=stats, device=device)
+        logits, next_logits = static_prefill(model, rows, max_new_tokens=max_new_tokens, g_cache=g_cache,
+                                             eos_id=eos_id, stats=stats, device=device)
+        yield from _decode_loop(logits, next_logits, max_new_tokens=max_new_tokens, sampler=sampler,
+                                eos_id=eos_id, stats=stats)
         return
     gc = _g_cache_for(model, g_cache, B)
     kv = KVCache.for_model(model, B, max(len(p) for p in prompts) + max_new_tokens) if kv_cache else None
@@ -180,7 +157,7 @@ def generate(
         t0 = time.perf_counter()
         out = model(ids[None], kv_cache=None if kv is None else kv.row(b), g_cache=g_row(b))
         last.append(out.logits[0, -1])
-        _sync(device)
+        sync(device)
         stats.rows[b].prefill_ms = (time.perf_counter() - t0) * 1e3
     logits = torch.stack(last)
 
@@ -188,7 +165,7 @@ def generate(
 
     def next_logits(step, chosen, active, previous):
         if kv is not None:
-            return model(_feed(chosen, active, eos_id)[:, None], kv_cache=kv, g_cache=gc).logits[:, -1]
+            return model(feed_ids(chosen, active, eos_id)[:, None], kv_cache=kv, g_cache=gc).logits[:, -1]
         new = previous.clone()  # finished rows keep their (unused) logits
         for b in range(B):
             if active[b]:
@@ -198,12 +175,6 @@ def generate(
 
     yield from _decode_loop(logits, next_logits, max_new_tokens=max_new_tokens, sampler=sampler,
                             eos_id=eos_id, stats=stats)
-
-
-def _feed(chosen: torch.Tensor, active: list[bool], eos_id: int | None) -> torch.Tensor:
-    """The next input ids: the chosen tokens, with EOS fed to rows that have already finished."""
-    done_id = torch.full_like(chosen, eos_id if eos_id is not None else 0)
-    return torch.where(torch.tensor(active, device=chosen.device), chosen, done_id)
 
 
 def _decode_loop(logits, next_logits, *, max_new_tokens, sampler, eos_id, stats):
@@ -239,74 +210,6 @@ def _decode_loop(logits, next_logits, *, max_new_tokens, sampler, eos_id, stats)
             return
 
 
-# Distinct batch sizes the static engines compile for before falling back to uncompiled engines
-# (torch._dynamo's default recompile limit is 8; bench and earlier calls may hold some entries).
-_MAX_ENGINE_SHAPES = 4
-
-
-@torch.inference_mode(False)
-@torch.no_grad()
-def _generate_static(model, rows, *, max_new_tokens, g_cache, sampler, eos_id, stats, device):
-    """``generate`` with the KV-cache through ``DecodeEngine``s: one per prompt length, in lockstep.
-
-    Runs under no_grad rather than inference mode: the engine's static buffers are updated in place
-    by a compiled step / captured CUDA graph, the setting in which the engine is tested."""
-    from pldr_core.engine import DecodeEngine
-
-    B = len(rows)
-    if not model.config.has_metric_path:
-        g_source, g_file = "none", None  # identity / frozen G: the engine holds it (a G-cache is unused)
-    elif isinstance(g_cache, GCache):
-        g_source, g_file = "file", g_cache
-    else:
-        g_source, g_file = ("prefill" if g_cache else "none"), None
-    groups: dict[int, list[int]] = {}
-    for b, ids in enumerate(rows):
-        groups.setdefault(len(ids), []).append(b)
-    # Every engine gets the same length, so the compiled step differs between groups only by batch
-    # size. Each distinct shape is one more compile of the same (fullgraph) step, and dynamo refuses
-    # past its recompile limit: beyond that many batch sizes the engines run uncompiled.
-    max_len = max(groups) + max_new_tokens
-    shapes = {len(members) for members in groups.values()}
-    use_compile = device.type == "cuda" and len(shapes) <= _MAX_ENGINE_SHAPES
-    engines = []
-    for S, members in groups.items():
-        engine = DecodeEngine(model, batch=len(members), max_len=max_len, g_source=g_source,
-                              g_cache=g_file, compile=use_compile)
-        if use_compile and max_new_tokens > 1:
-            t0 = time.perf_counter()
-            engine.warm_up()
-            _sync(device)
-            stats.compile_s += time.perf_counter() - t0
-        engines.append((S, torch.tensor(members, device=device), members, engine))
-
-    # Prefill: each group at once (equal lengths, so unpadded), into its engine's static caches.
-    logits = None
-    for S, idx, members, engine in engines:
-        t0 = time.perf_counter()
-        out = engine.prefill(torch.stack([rows[b] for b in members]))
-        _sync(device)
-        ms = (time.perf_counter() - t0) * 1e3
-        for b in members:
-            stats.rows[b].prefill_ms = ms
-        if logits is None:
-            logits = out.new_empty(B, out.shape[-1])
-        logits.index_copy_(0, idx, out)
-
-    def next_logits(step, chosen, active, previous):
-        feed = _feed(chosen, active, eos_id)
-        if len(engines) == 1:  # one prompt length: the rows are already in engine order
-            S, _, _, engine = engines[0]
-            return engine.step(feed, S + step - 1)
-        new = torch.empty_like(previous)
-        for S, idx, _, engine in engines:
-            new.index_copy_(0, idx, engine.step(feed.index_select(0, idx), S + step - 1))
-        return new
-
-    yield from _decode_loop(logits, next_logits, max_new_tokens=max_new_tokens, sampler=sampler,
-                            eos_id=eos_id, stats=stats)
-
-
 # ---- the paper's claim, measured ---------------------------------------------------------------
 @torch.inference_mode()
 def gcache_fidelity(model, ids: list[int], g_cache: GCache) -> dict:
@@ -327,80 +230,3 @@ def gcache_fidelity(model, ids: list[int], g_cache: GCache) -> dict:
         "argmax_agreement": float(agree.double().mean()),
         "positions": len(ids),
     }
-
-
-# ---- prompts and model directories -------------------------------------------------------------
-def find_tokenizer(model_path, tokenizer=None):
-    """The ``Tokenizer`` of a model: ``tokenizer`` if given, else ``tokenizer.model`` next to the weights."""
-    from pldr_core.tokenizer import tokenizer_for
-
-    return tokenizer_for(model_path, tokenizer, missing="text prompts need one: pass --tokenizer FILE, "
-                         "or give token ids with --tokens, or recreate the model with "
-                         "`pldr init --tokenizer ...`")
-
-
-def parse_token_ids(spec: str, vocab_size: int) -> list[int]:
-    """'3' or '5,6,7' or '5 6 7' -> ids, each checked against the vocabulary."""
-    from pldr_core.errors import PLDRError
-
-    parts = spec.replace(",", " ").split()
-    try:
-        ids = [int(p) for p in parts]
-    except ValueError:
-        raise PLDRError(f"--tokens {spec!r}: give integer ids separated by commas or spaces") from None
-    if not ids:
-        raise PLDRError("--tokens needs at least one id")
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
-        raise PLDRError(f"--tokens: id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
-    return ids
-
-
-def read_prompts_file(path) -> list[str]:
-    """One prompt per line (blank lines skipped); PLDRError when missing or empty."""
-    from pldr_core.errors import PLDRError
-    from pldr_core.files import read_text_lines
-
-    prompts = [line for line in read_text_lines(path, "prompts file") if line.strip()]
-    if not prompts:
-        raise PLDRError(f"prompts file {path} holds no prompts (one per line)")
-    return prompts
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """A generation prompt: the text's ids without the document-closing EOS (so the model continues
-    the text); the empty text is EOS alone, i.e. the start of a new document."""
-    ids = tokenizer.encode(text, eos=False)
-    return ids or [tokenizer.eos_id]
-
-
-
-
-def load_for_generation(model_path, *, device=None, dtype=None, gcache=None, force: bool = False):
-    """Load a model (float32 first, so the G-cache fingerprint check sees the saved weights), read and
-    check ``gcache`` against it, then move both to ``device`` / ``dtype``. Returns (model, GCache|None)."""
-    from pldr_core.checkpoint import load_model
-    from pldr_core.errors import PLDRError
-    from pldr_core.gcache import read_gcache
-    from pldr_core.model import cast_for_inference
-
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
-    model = load_model(model_path)
-    gc = None
-    if gcache is not None:
-        if not model.config.has_metric_path:
-            raise PLDRError(f"--gcache only applies to learned-G models; this model's g_mode is "
-                            f"{model.config.g_mode!r} (its G_LM is already fixed)")
-        gc = read_gcache(gcache, model, force=force)
-    cast_for_inference(model.to(device=dev), dt)
-    if gc is not None:
-        gc = gc.to(device=dev, dtype=metric_dtype(dt))
-    return model, gc
-
-
-def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """The text the new ids add after the prompt (decoded together, so SentencePiece keeps the space
-    between the prompt's last word and the first new one)."""
-    head = tokenizer.decode(prompt_ids)
-    full = tokenizer.decode(list(prompt_ids) + list(new_ids))
-    return full[len(head):] if full.startswith(head) else tokenizer.decode(new_ids)

@@ -1,4 +1,5 @@
-"""Choosing the next token: greedy, or temperature / top-k / top-p sampling, and the ``Step`` record.
+"""Choosing the next token: greedy, or temperature / top-k / top-p sampling, and the ``Step`` and
+``Token`` records.
 
 Generation, the decode engine and the server all import this module; it imports none of them.
 """
@@ -20,6 +21,24 @@ class Step:
     """[B] the chosen ids."""
     logits: torch.Tensor
     """[B, V] the logits they were chosen from."""
+
+
+@dataclass
+class Token:
+    """One generated token of one prompt (row)."""
+
+    row: int
+    """Which prompt it belongs to (index into the ``prompts`` list)."""
+    id: int
+    """The chosen id."""
+    index: int
+    """0 for the first new token of that row, 1 for the next, ..."""
+    logits: torch.Tensor
+    """[V] the logits it was chosen from."""
+    done: bool
+    """True when the row stops after this token (EOS or ``max_new_tokens``)."""
+    finish_reason: str | None = None
+    """'eos' or 'length' when ``done``."""
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

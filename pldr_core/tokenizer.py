@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer with the paper's ids and encoding (SPEC section 4).
+"""SentencePiece tokenizer with the paper's ids and encoding.
 
 Ids: pad 0 "[PAD]", unk 1 "[UNK]", bos 2 "[START]", eos 3 "[END]"; user symbols "[SEP]", "[CLS]".
 Documents are encoded without BOS and followed by EOS.
@@ -18,29 +18,10 @@ TOKENIZER_FILE = "tokenizer.model"
 """A model directory's (and a token data folder's) SentencePiece model."""
 
 
-def model_tokenizer_path(model_path: str | Path) -> Path:
-    """Where a model's tokenizer lives: ``tokenizer.model`` in its folder (or next to its weights file)."""
-    path = Path(model_path)
-    return (path if path.is_dir() else path.parent) / TOKENIZER_FILE
-
-
-def tokenizer_for(model_path: str | Path, tokenizer: str | Path | None = None, *,
-                  missing: str = "") -> "Tokenizer":
-    """``tokenizer`` if given, else the model's own; a missing one is a PLDRError that ends with
-    ``missing`` (what the caller's user can do about it)."""
-    if tokenizer is not None:
-        return Tokenizer(tokenizer)
-    path = model_tokenizer_path(model_path)
-    if not path.is_file():
-        raise PLDRError(f"{model_path} has no {TOKENIZER_FILE}" + (f"; {missing}" if missing else ""))
-    return Tokenizer(path)
-
-
 class Tokenizer:
     """A loaded SentencePiece model. ``encode`` appends EOS; ``decode`` drops special ids."""
 
     def __init__(self, path: str | Path):
-
         path = Path(path)
         if not path.is_file():
             raise PLDRError(f"tokenizer model not found: {path}")
@@ -80,7 +61,6 @@ def train_tokenizer(sentences: Iterable[str] | Iterator[str], out_prefix: str | 
 
     ``hard_vocab_limit`` False lets a small corpus yield a smaller vocabulary instead of failing.
     """
-
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pldr_cli._common import console, fail, handle_errors, is_terminal
+from pldr_cli._common import console, handle_errors, is_terminal
 
 EPILOG = """Examples:
 
@@ -67,83 +67,33 @@ def inspect_deductive(
     dump: Path = typer.Option(None, "--dump", help="Write the tensors here (safetensors)."),
     plots: Path = typer.Option(None, "--plots", help="Write PNG heatmaps of G_LM and the RMSE plot here."),
 ) -> None:
-    import torch
+    from pldr_core.deductive_report import run_inspection
 
-    from pldr_core import deductive as lib
-    from pldr_core.checkpoint import load_config, load_model
-    from pldr_core.errors import PLDRError
-
-    # Validate everything cheap before loading weights.
-    cfg = load_config(model)
-    if prompts_file is not None and not prompts_file.is_file():
-        raise fail(f"prompts file not found: {prompts_file}")
-    if gcache is not None and not gcache.is_file():
-        raise fail(f"G-cache file not found: {gcache}")
-    if data is not None and not data.is_dir():
-        raise fail(f"data folder not found: {data}")
-    if new_tokens < 1:
-        raise fail("--new-tokens must be at least 1")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise fail(f"--device must be cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise fail("--device cuda: no CUDA device is available")
-    for out in (json_out, dump):
-        if out is not None and out.is_dir():
-            raise fail(f"{out} is a folder; give a file path")
-    if plots is not None and plots.exists() and not plots.is_dir():
-        raise fail(f"--plots {plots} exists and is not a folder")
-    limit = max_len if max_len is not None else max(1, cfg.max_seq_len - new_tokens)
-    if limit < 1:
-        raise fail("--max-len must be at least 1")
-
-    from pldr_core.tokenizer import Tokenizer, model_tokenizer_path
-
-    tok_file = model_tokenizer_path(model)
-    tokenizer = Tokenizer(tok_file) if tok_file.is_file() else None
-    prompts = lib.collect_prompts(eos_id=cfg.eos_id, tokenizer=tokenizer, prompts=prompt,
-                                  prompts_file=prompts_file, data_dir=data, samples=samples, seed=seed,
-                                  max_len=limit)
-    for p in prompts:
-        bad = [t for t in p.ids if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise PLDRError(f"prompt {p.label!r} has token id {bad[0]} outside the model's vocabulary "
-                            f"({cfg.vocab_size}); was the data tokenized with this model's tokenizer?")
-
-    m = load_model(model, device=device, dtype=torch.float64)
-    g = None
-    if gcache is not None:
-        from pldr_core.gcache import read_gcache
-
-        g = read_gcache(gcache, m, force=force) if cfg.has_metric_path else None
-
-    err = console(stderr=True)
+    kwargs = dict(prompts=prompt, prompts_file=prompts_file, data_dir=data, samples=samples, seed=seed,
+                  max_len=max_len, gcache=gcache, force=force, new_tokens=new_tokens, device=device,
+                  json_out=json_out, dump=dump, plots=plots)
     if is_terminal():
         from rich.progress import Progress
 
-        with Progress(transient=True, console=err) as bar:
-            task = bar.add_task("inspecting", total=len(prompts))
-            result = lib.inspect_deductive(m, prompts, gcache=g, new_tokens=new_tokens,
-                                           progress=lambda done, total: bar.update(task, completed=done))
-    else:
-        result = lib.inspect_deductive(m, prompts, gcache=g, new_tokens=new_tokens)
-    if gcache is not None and g is None:
-        result.report["notes"].append("--gcache ignored: the model has no metric path")
+        with Progress(transient=True, console=console(stderr=True)) as bar:
+            task = None
 
-    written = []
-    if json_out is not None:
-        written.append(("json", lib.write_json(json_out, result.report)))
-    if dump is not None:
-        written.append(("dump", lib.write_dump(dump, result)))
-    if plots is not None:
-        for path in lib.write_plots(plots, result):
-            written.append(("plot", path))
+            def progress(done: int, total: int) -> None:
+                nonlocal task
+                if task is None:
+                    task = bar.add_task("inspecting", total=total)
+                bar.update(task, completed=done)
+
+            result, written = run_inspection(model, progress=progress, **kwargs)
+    else:
+        result, written = run_inspection(model, **kwargs)
     _render(result.report, written)
 
 
 def _render(report: dict, written: list) -> None:
     from rich.table import Table
 
-    from pldr_core.deductive import summary_rows
+    from pldr_core.deductive_report import summary_rows
 
     c = console()
     c.soft_wrap = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -93,12 +94,9 @@ def eval_cmd(
                                         "G-cache file and print both and their difference."),
     as_json: bool = typer.Option(False, "--json", help="Print the score rows as one JSON object."),
 ) -> None:
-    import os
-
     # lm-eval and datasets draw tqdm bars of their own; ours (or plain lines) replace them
     os.environ.setdefault("TQDM_DISABLE", "1")
-    from pldr_core.evaluate import results_json, run_eval, score_rows
-    from pldr_core.files import atomic_write_text
+    from pldr_core.evaluate import run_eval
 
     con = console()
     err = console(stderr=True)
@@ -115,18 +113,8 @@ def eval_cmd(
         report = run_eval(model, tasks, gcache=gcache, compare_gcache=compare_gcache, force=force,
                           batch_size=batch_size, limit=limit, device=device, data_dir=data_dir,
                           progress=bar if (terminal or not as_json) else None, on_plan=on_plan,
-                          debug=STATE["debug"])
-    if output is not None:
-        atomic_write_text(output, results_json(report))
-
-    rows = score_rows(report.results)
-    if report.compare is not None:
-        with_g = {(r["task"], r["metric"], r["filter"]): r for r in score_rows(report.compare)}
-        for r in rows:
-            g = with_g.get((r["task"], r["metric"], r["filter"]))
-            r["gcache_value"] = g["value"] if g else None
-            r["gcache_stderr"] = g["stderr"] if g else None
-            r["difference"] = (g["value"] - r["value"]) if g else None
+                          debug=STATE["debug"], output=output)
+    rows = report.rows()
     if as_json:
         print_json({"rows": rows, "skipped": report.skipped, "offline": report.offline,
                     "wall_s": round(report.wall_s, 3), "output": str(output) if output else None})

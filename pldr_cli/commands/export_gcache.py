@@ -1,4 +1,4 @@
-"""pldr export-gcache: run the metric path on prompt(s) and write the G-cache file (SPEC sections 3, 5)."""
+"""pldr export-gcache: run the metric path on prompt(s) and write the G-cache file."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pldr_cli._common import console, fail, handle_errors, is_terminal, print_json
+from pldr_cli._common import console, handle_errors, is_terminal, print_json
 
 EPILOG = """Examples:
 
@@ -38,41 +38,11 @@ def export_gcache(
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    from pldr_core.checkpoint import load_config
-    from pldr_core.gcache import REDUCTIONS, export_gcache as run_export
-    from pldr_core.device import resolve_device
-    from pldr_core.generate import find_tokenizer, parse_token_ids, read_prompts_file
+    from pldr_core.gcache_export import export_gcache_file
 
-    if reduce not in REDUCTIONS:
-        raise fail(f"--reduce must be first or mean, got {reduce!r}")
-    config = load_config(model)  # also refuses a path that is no model
-    if not config.has_metric_path:
-        raise fail(f"{model} has g_mode {config.g_mode!r}: no metric path to export a G-cache from "
-                   f"(only learned-G models have one)")
-    if out.exists() and out.is_dir():
-        raise fail(f"--out {out} is a directory; give a file name such as g.safetensors")
-    texts = list(prompt or [])
-    if prompts_file is not None:
-        texts += read_prompts_file(prompts_file)
-    ids, labels = [], []
-    if texts:
-        tok = find_tokenizer(model, tokenizer)
-        for text in texts:
-            ids.append(tok.encode(text))  # as a document: text then EOS; "" -> [EOS]
-            labels.append(text)
-    for spec in tokens or []:
-        ids.append(parse_token_ids(spec, config.vocab_size))
-        labels.append(f"tokens:{spec}")
-    if not ids:
-        ids, labels = [[config.eos_id]], [""]
-    dev = resolve_device(device)
-
-    from pldr_core.checkpoint import load_model
-
-    net = load_model(model, device=dev)
-    result = run_export(net, ids, out, reduce=reduce, labels=labels)
-    data = result.summary()
-    data["prompt_tokens"] = [len(p) for p in ids]
+    data = export_gcache_file(model, out, texts=list(prompt or []), prompts_file=prompts_file,
+                              token_prompts=list(tokens or []), reduce=reduce, tokenizer=tokenizer,
+                              device=device)
     if as_json:
         print_json(data)
         return

@@ -1,0 +1,1 @@
+"""lm-evaluation-harness integration: ``harness`` is the ``pldr`` lm-eval model."""
