@@ -28,6 +28,7 @@ from pldr_core.tokenizer import Tokenizer  # noqa: E402
 
 runner = CliRunner()
 MODEL_ID = "tiny-test"
+LONG = "of the cache"  # its greedy continuation runs past 300 tokens before EOS (this model, seed 4)
 WORDS = "the metric tensor of power law graph attention learns a curvature from every prompt".split()
 
 
@@ -35,9 +36,9 @@ def run_cli(*args):
     return runner.invoke(cli_app, list(map(str, args)))
 
 
-def generate_alone(model_dir, prompt: str, n: int, *extra) -> dict:
-    """What `pldr generate --greedy` gives for ``prompt`` alone."""
-    r = run_cli("generate", model_dir, "--prompt", prompt, "--greedy", "-n", n, "--json", "--device", "cpu",
+def generate_alone(model_dir, prompt: str, n: int, *extra, sampling=("--greedy",)) -> dict:
+    """What `pldr generate --greedy` (or with ``sampling`` options) gives for ``prompt`` alone."""
+    r = run_cli("generate", model_dir, "--prompt", prompt, *sampling, "-n", n, "--json", "--device", "cpu",
                 *extra)
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout.splitlines()[0])
@@ -140,13 +141,13 @@ def test_sixteen_concurrent_clients_get_what_they_get_alone(server, model_dir):
 
 
 def test_short_request_after_a_long_one_finishes_first(server, model_dir):
-    long_prompt, short_prompt = "the metric tensor learns", "power law"
-    assert generate_alone(model_dir, long_prompt, 400)["finish_reason"] == "length"
+    long_prompt, short_prompt = LONG, "power law"
+    assert generate_alone(model_dir, long_prompt, 300)["finish_reason"] == "length"
     order = []
     first_chunk = threading.Event()
 
     def long_request():
-        for chunk in complete(server, long_prompt, 400, stream=True):
+        for chunk in complete(server, long_prompt, 300, stream=True):
             first_chunk.set()
             if chunk.choices[0].finish_reason:
                 order.append("long")
@@ -174,10 +175,12 @@ def test_sampling_seed_stop_and_logprobs(server, model_dir):
     assert all(len(top) <= 2 and max(top.values()) >= v for top, v in zip(lp.top_logprobs, lp.token_logprobs))
 
     def sample(seed):
-        return server.client.completions.create(model=MODEL_ID, prompt="the", max_tokens=8, seed=seed,
-                                                temperature=1.3, extra_body={"top_k": 50}).choices[0].text
-    alone = generate_alone(model_dir, "the", 8, "--seed", 11, "--temperature", 1.3, "--top-k", 50)
-    assert sample(11) == sample(11) == alone["text"]
+        c = server.client.completions.create(model=MODEL_ID, prompt="the", max_tokens=8, seed=seed,
+                                             temperature=1.3, extra_body={"top_k": 50}).choices[0]
+        return c.text, c.model_extra["token_ids"]
+    alone = generate_alone(model_dir, "the", 8, sampling=("--seed", 11, "--temperature", 1.3, "--top-k", 50))
+    assert sample(11) == sample(11) == (alone["text"], alone["new_tokens"])
+    assert sample(12) != sample(11)
     both = complete(server, ["power law", "the metric tensor"], 6)
     assert [c.index for c in both.choices] == [0, 1]
     assert both.choices[1].model_extra["token_ids"] == generate_alone(model_dir, "the metric tensor", 6)["new_tokens"]
@@ -213,7 +216,7 @@ def test_bad_requests_answer_openai_errors_and_the_server_keeps_serving(server):
 
 def test_client_gone_mid_stream_frees_its_row(server):
     before = server.metric("pldr_completions_cancelled_total")
-    body = {"model": MODEL_ID, "prompt": "the metric tensor learns", "max_tokens": 400, "temperature": 0,
+    body = {"model": MODEL_ID, "prompt": LONG, "max_tokens": 300, "temperature": 0,
             "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
         assert r.status_code == 200
