@@ -4,27 +4,27 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import REPO
 from typer.testing import CliRunner
 
-pytest.importorskip("fastapi")
+from pldr_cli.app import app as cli_app
+from pldr_core.build import build_model
+from pldr_core.checkpoint import save_model
+from pldr_core.config import preset
+from pldr_core.serve import load_scheduler
+from pldr_core.tokenizer import Tokenizer
+
+create_app = pytest.importorskip("pldr_core.serve.server").create_app  # needs fastapi (the serve extra)
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
-
-from conftest import REPO  # noqa: E402
-from pldr_cli.app import app as cli_app  # noqa: E402
-from pldr_core.build import build_model  # noqa: E402
-from pldr_core.checkpoint import save_model  # noqa: E402
-from pldr_core.config import preset  # noqa: E402
-from pldr_core.serve import load_scheduler  # noqa: E402
-from pldr_core.serve.server import create_app  # noqa: E402
-from pldr_core.tokenizer import Tokenizer  # noqa: E402
 
 runner = CliRunner()
 MODEL_ID = "tiny-test"
@@ -246,8 +246,6 @@ def test_gcache_file_api_key_and_load_script(model_dir, tmp_path):
             r = httpx.post(f"{s.url}/v1/completions", json=body, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(f"{s.url}/v1/models").status_code == 401
-        import subprocess
-
         out = subprocess.run([sys.executable, str(REPO / "examples" / "serve_load.py"), "--url", s.url,
                               "--api-key", "sesame", "--clients", "3", "--duration", "1", "--max-tokens", "4"],
                              capture_output=True, text=True, timeout=120)

@@ -192,7 +192,9 @@ class Scheduler:
         self._free = list(range(step.batch - 1, -1, -1))
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
         self.counts = {"jobs": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0}
 
     @property
@@ -205,6 +207,7 @@ class Scheduler:
 
     def start(self) -> None:
         self._stopping = False
+        self._started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="pldr-scheduler", daemon=True)
         self._thread.start()
 
@@ -220,12 +223,14 @@ class Scheduler:
         return self._thread is not None and self._thread.is_alive()
 
     def metrics(self) -> dict:
+        """Counters and gauges; safe to call from any thread."""
         now = time.monotonic()
-        recent = [(t, n) for t, n in list(self._recent) if now - t <= RATE_WINDOW_S]
-        span = now - recent[0][0] if recent else 0.0
+        with self._lock:
+            recent = sum(n for t, n in self._recent if now - t <= RATE_WINDOW_S)
+        span = min(RATE_WINDOW_S, now - self._started)
         return {**self.counts, "queued": self._inbox.qsize() + len(self._pending),
                 "active": len(self._rows), "rows": self.step.batch,
-                "tokens_per_s": sum(n for _, n in recent) / span if span > 0 else 0.0}
+                "tokens_per_s": recent / span if span > 0 else 0.0}
 
     # ---- the scheduler thread ------------------------------------------------------------------
     def _run(self) -> None:
@@ -293,9 +298,11 @@ class Scheduler:
         for b, row in rows.items():
             if b not in chosen:
                 chosen[b] = int(row.job.sampler(logits[at[b]:at[b] + 1])[0])
-        self._recent.append((time.monotonic(), len(rows)))
-        while self._recent and time.monotonic() - self._recent[0][0] > RATE_WINDOW_S:
-            self._recent.popleft()
+        now = time.monotonic()
+        with self._lock:
+            self._recent.append((now, len(rows)))
+            while now - self._recent[0][0] > RATE_WINDOW_S:
+                self._recent.popleft()
         for b, row in rows.items():
             self._accept(b, row, chosen[b], logits[at[b]])
 
