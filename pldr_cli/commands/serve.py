@@ -1,0 +1,69 @@
+"""pldr serve: an OpenAI-compatible completions server with continuous batching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pldr_cli._common import fail, handle_errors
+
+EPILOG = """Examples:
+
+  pldr serve runs/qs/run/final --gcache runs/qs/gcache.safetensors --port 8000
+
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"model": "runs/qs/run/final", "prompt": "To be, or not to be", "max_tokens": 24, "temperature": 0}'
+
+Endpoints: GET /v1/models, POST /v1/completions (prompt a string, a list of strings or token ids; max_tokens, temperature, top_p, top_k, seed, stop, stream, logprobs), GET /health, GET /metrics (Prometheus text). The model id is MODEL as given (or --name). Up to --max-batch prompts decode together; a new one takes the first free row between decode steps, so a short request never waits for a long one. With --gcache the metric path never runs; without it each prompt's G_LM comes from its own prefill (the response's "pldr" field says which)."""
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve", epilog=EPILOG, help="Serve a model over an OpenAI-compatible HTTP API.")(serve)
+
+
+@handle_errors
+def serve(
+    model: Path = typer.Argument(..., help="Model directory (ours or HF pldrllm) or reference .pth."),
+    gcache: Path = typer.Option(None, "--gcache", help="G-cache file: the metric path never runs."),
+    force: bool = typer.Option(False, "--force", help="Accept a G-cache made from another model of "
+                               "the same shape."),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help="SentencePiece model (default: the model "
+                                   "directory's tokenizer.model)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 exposes it)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Rows decoded together; more requests queue."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="The largest max_tokens a request "
+                                       "may ask for."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 or float64."),
+    api_key: str = typer.Option(None, "--api-key", envvar="PLDR_API_KEY", help="Require "
+                                "'Authorization: Bearer KEY' on /v1 (also from $PLDR_API_KEY)."),
+    name: str = typer.Option(None, "--name", help="Model id clients name (default: MODEL as given)."),
+) -> None:
+    from pldr_core.checkpoint import load_config
+    from pldr_core.device import resolve_dtype
+
+    config = load_config(model)
+    resolve_dtype(dtype)
+    if max_new_tokens < 1 or max_new_tokens >= config.max_seq_len:
+        raise fail(f"--max-new-tokens must be in 1..{config.max_seq_len - 1} (the model's context is "
+                   f"{config.max_seq_len}), got {max_new_tokens}")
+    if max_batch < 1:
+        raise fail(f"--max-batch must be >= 1, got {max_batch}")
+    if not 0 < port < 65536:
+        raise fail(f"--port must be in 1..65535, got {port}")
+    try:
+        import uvicorn
+
+        from pldr_core.serve.server import create_app
+    except ModuleNotFoundError as exc:
+        raise fail(f"pldr serve needs {exc.name}: pip install 'pldr[serve]'") from None
+    from pldr_core.serve import load_scheduler
+
+    scheduler, tok, net = load_scheduler(model, max_batch=max_batch, gcache=gcache, force=force,
+                                         tokenizer=tokenizer, device=device, dtype=dtype)
+    app = create_app(scheduler, model_id=name or str(model).rstrip("/"), tokenizer=tok,
+                     vocab_size=net.config.vocab_size, max_new_tokens=max_new_tokens, api_key=api_key)
+    typer.echo(f"serving {name or model} on http://{host}:{port}/v1 ({max_batch} rows, G from "
+               f"{scheduler.step.g_source}, {scheduler.step.name} step)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

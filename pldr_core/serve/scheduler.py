@@ -1,0 +1,353 @@
+"""Continuous batching: a fixed set of rows over one preallocated KV-cache, decoded together.
+
+One background thread owns the model. Between decode steps it admits queued requests into free rows
+(each prompt prefilled alone, unpadded, into its row: A sums over every token, so padding would change
+it) and retires finished rows (EOS, max_tokens, a stop string, a client that went away). A decode step
+runs every row at once with per-row positions; a free row is fed a harmless token at position 0 and
+its output dropped (the row is prefilled afresh when a request takes it). Each request samples with
+its own ``Sampler``, so a row gets the tokens it would get alone.
+
+The step itself sits behind ``DecodeStep`` (``prefill(row, ids)`` and ``step(tokens, positions)``):
+``EagerStep`` runs the model's own cached forward; a static-cache engine can take its place.
+Results go back through each request's ``emit`` callback, called on the scheduler thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from pldr_core.cache import GCache, KVCache
+from pldr_core.sampling import Sampler
+
+log = logging.getLogger("pldr.serve")
+
+# Seconds of history behind the tokens/s gauge.
+RATE_WINDOW_S = 10.0
+
+
+class DecodeStep(Protocol):
+    """What the scheduler drives: the rows' caches, a one-row prefill and an all-rows decode step."""
+
+    name: str
+    """Which step runs ('eager', or an engine's name)."""
+    g_source: str
+    """Where G_LM comes from: 'file', 'prefill' or 'model' (identity / frozen G)."""
+    batch: int
+    max_len: int
+    device: torch.device
+
+    def prefill(self, row: int, ids: torch.Tensor) -> torch.Tensor:
+        """Reset row ``row`` and run prompt ``ids`` [S] into it; the last position's logits [V]."""
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` [B] at ``positions`` [B] (one per row); logits [B, V]."""
+
+
+class EagerStep:
+    """``DecodeStep`` on the eager model with a ``KVCache`` (and, for prefill G, a ``GCache``)."""
+
+    name = "eager"
+
+    def __init__(self, model, *, batch: int, max_len: int, g_cache: GCache | None = None):
+        self.model, self.batch, self.max_len = model, batch, max_len
+        self.device = next(model.parameters()).device
+        self.kv = KVCache.for_model(model, batch, max_len)
+        if not model.config.has_metric_path:
+            self.g_source, self.gc = "model", None
+        elif g_cache is not None:
+            self.g_source, self.gc = "file", g_cache
+        else:
+            self.g_source, self.gc = "prefill", GCache.for_model(model, batch)
+        # Every row starts out holding the EOS-only prompt: the batch's caches are then filled for
+        # all rows, so a decode step reads the frozen A / G_LM of each row instead of rerunning the
+        # metric path on one token.
+        eos = torch.tensor([model.config.eos_id], device=self.device)
+        for b in range(batch):
+            self.prefill(b, eos)
+
+    @torch.no_grad()
+    def prefill(self, row: int, ids: torch.Tensor) -> torch.Tensor:
+        kv = self.kv.row(row)
+        kv.reset()
+        gc = None if self.gc is None else self.gc.row(row)
+        if gc is not None:
+            gc.reset()
+        return self.model(ids[None], kv_cache=kv, g_cache=gc).logits[0, -1]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(tokens[:, None], kv_cache=self.kv, g_cache=self.gc, positions=positions[:, None])
+        return out.logits[:, -1]
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: dict[str, float] | None
+    offset: int
+    """Where the token's text starts in the completion's text."""
+
+
+@dataclass
+class Event:
+    """What a request hears back: new tokens (and the text they settle), the finish, or an error."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    """'stop' (EOS or a stop string) or 'length' on the last event of a request."""
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Job:
+    """One prompt to complete (one choice of an API request)."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampler: Sampler
+    emit: Callable[[Event], None]
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    """None: no logprobs; N >= 0: the chosen token's logprob and the N most likely alternatives."""
+    index: int = 0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class _Text:
+    """The continuation's text, decoded a few tokens at a time (not the whole row every token), with
+    stop strings cut off; text that may still turn into a stop string or a UTF-8 character is held."""
+
+    CONTEXT = 4  # prompt tokens decoded with the first new ones, so SentencePiece keeps their space
+
+    def __init__(self, tokenizer, prompt: list[int], stop: tuple[str, ...]):
+        self.tok, self.stop = tokenizer, stop
+        self.ids = list(prompt[-self.CONTEXT:])
+        self.prefix, self.read = 0, len(self.ids)
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def push(self, token: int, final: bool) -> str:
+        """Add ``token``; return the text now safe to send (all that is left when ``final``)."""
+        self.ids.append(token)
+        head = self.tok.decode(self.ids[self.prefix:self.read])
+        full = self.tok.decode(self.ids[self.prefix:])
+        if len(full) > len(head) and (final or not full.endswith("\ufffd")):
+            self.text += full[len(head):]
+            self.prefix, self.read = self.read, len(self.ids)
+        cuts = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
+        if cuts:
+            self.text, self.stopped, final = self.text[:min(cuts)], True, True
+        safe = len(self.text) if final else len(self.text) - self._held()
+        out, self.sent = self.text[self.sent:safe], max(self.sent, safe)
+        return out
+
+    def _held(self) -> int:
+        """Length of the longest tail of the text that begins some stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.text) - self.sent), best, -1):
+                if self.text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+
+@dataclass
+class _Row:
+    job: Job
+    text: _Text
+    new_ids: list[int] = field(default_factory=list)
+
+    @property
+    def position(self) -> int:
+        """Where the last chosen token goes when it is fed back."""
+        return len(self.job.prompt) + len(self.new_ids) - 1
+
+
+class Scheduler:
+    """Runs ``DecodeStep`` rows for submitted ``Job``s on one background thread (``start`` / ``stop``)."""
+
+    def __init__(self, step: DecodeStep, tokenizer, *, eos_id: int):
+        self.step, self.tok, self.eos_id = step, tokenizer, eos_id
+        self._inbox: queue.Queue[Job | None] = queue.Queue()
+        self._pending: collections.deque[Job] = collections.deque()
+        self._rows: dict[int, _Row] = {}
+        self._free = list(range(step.batch - 1, -1, -1))
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self.counts = {"jobs": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0}
+
+    @property
+    def max_len(self) -> int:
+        return self.step.max_len
+
+    # ---- the HTTP side (any thread) -----------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        self._inbox.put(job)
+
+    def start(self) -> None:
+        self._stopping = False
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="pldr-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def metrics(self) -> dict:
+        """Counters and gauges; safe to call from any thread."""
+        now = time.monotonic()
+        with self._lock:
+            recent = sum(n for t, n in self._recent if now - t <= RATE_WINDOW_S)
+        span = min(RATE_WINDOW_S, now - self._started)
+        return {**self.counts, "queued": self._inbox.qsize() + len(self._pending),
+                "active": len(self._rows), "rows": self.step.batch,
+                "tokens_per_s": recent / span if span > 0 else 0.0}
+
+    # ---- the scheduler thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            self._take(block=not self._rows)
+            self._retire_cancelled()
+            self._admit()
+            if self._rows:
+                try:
+                    self._decode()
+                except Exception as exc:  # a failed step fails its rows, not the server
+                    log.exception("decode step failed")
+                    self._fail_all(f"{type(exc).__name__}: {exc}")
+
+    def _take(self, block: bool) -> None:
+        try:
+            job = self._inbox.get(block=block and not self._pending)
+            while True:
+                if job is not None:
+                    self._pending.append(job)
+                    self.counts["jobs"] += 1
+                job = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _retire_cancelled(self) -> None:
+        for b in [b for b, row in self._rows.items() if row.job.cancelled.is_set()]:
+            self._free_row(b, "cancelled")
+
+    def _admit(self) -> None:
+        while self._free and self._pending:
+            job = self._pending.popleft()
+            if job.cancelled.is_set():
+                self.counts["cancelled"] += 1
+                continue
+            b = self._free.pop()
+            self._rows[b] = _Row(job, _Text(self.tok, job.prompt, job.stop))
+            try:
+                logits = self.step.prefill(b, torch.tensor(job.prompt, device=self.step.device))
+                self._choose({b: self._rows[b]}, logits[None], {b: 0})
+            except Exception as exc:  # a failed prefill fails its request, not the server
+                log.exception("prefill failed")
+                if b in self._rows:
+                    _send(job, Event(index=job.index, error=f"{type(exc).__name__}: {exc}"))
+                    self._free_row(b, "failed")
+
+    def _decode(self) -> None:
+        tokens = [0] * self.step.batch
+        positions = [0] * self.step.batch
+        for b, row in self._rows.items():
+            tokens[b], positions[b] = row.new_ids[-1], row.position
+        device = self.step.device
+        logits = self.step.step(torch.tensor(tokens, device=device), torch.tensor(positions, device=device))
+        self.counts["steps"] += 1
+        rows = dict(self._rows)
+        self._choose(rows, logits, {b: b for b in rows})
+
+    def _choose(self, rows: dict[int, _Row], logits: torch.Tensor, at: dict[int, int]) -> None:
+        """Sample each row's next token from ``logits[at[b]]``: the greedy rows in one argmax."""
+        greedy = [b for b, row in rows.items() if row.job.sampler.greedy]
+        chosen = {}
+        if greedy:
+            ids = logits[[at[b] for b in greedy]].argmax(-1).tolist()
+            chosen.update(zip(greedy, ids))
+        for b, row in rows.items():
+            if b not in chosen:
+                chosen[b] = int(row.job.sampler(logits[at[b]:at[b] + 1])[0])
+        now = time.monotonic()
+        with self._lock:
+            self._recent.append((now, len(rows)))
+            while now - self._recent[0][0] > RATE_WINDOW_S:
+                self._recent.popleft()
+        for b, row in rows.items():
+            self._accept(b, row, chosen[b], logits[at[b]])
+
+    def _accept(self, b: int, row: _Row, token: int, logits: torch.Tensor) -> None:
+        job = row.job
+        row.new_ids.append(token)
+        self.counts["tokens"] += 1
+        at_eos = token == self.eos_id
+        final = at_eos or len(row.new_ids) >= job.max_tokens
+        offset = len(row.text.text)
+        text = row.text.push(token, final)
+        finish = "stop" if at_eos or row.text.stopped else "length" if final else None
+        event = Event(index=job.index, text=text, token_ids=[token], finish_reason=finish,
+                      prompt_tokens=len(job.prompt), completion_tokens=len(row.new_ids))
+        if job.logprobs is not None:
+            event.logprobs.append(self._logprob(token, logits, job.logprobs, offset))
+        _send(job, event)
+        if finish is not None:
+            self._free_row(b, "finished")
+
+    def _logprob(self, token: int, logits: torch.Tensor, top: int, offset: int) -> TokenLogprob:
+        lp = torch.log_softmax(logits.float(), -1)
+        best = {}
+        if top > 0:
+            values, ids = lp.topk(top)
+            best = {self._piece(i): v for v, i in zip(values.tolist(), ids.tolist())}
+        return TokenLogprob(self._piece(token), float(lp[token]), best if top > 0 else None, offset)
+
+    def _piece(self, token: int) -> str:
+        return "" if token == self.eos_id else self.tok.id_to_piece(token).replace("\u2581", " ")
+
+    def _free_row(self, b: int, why: str) -> None:
+        del self._rows[b]
+        self._free.append(b)
+        self.counts[why] += 1
+
+    def _fail_all(self, message: str) -> None:
+        for b, row in list(self._rows.items()):
+            _send(row.job, Event(index=row.job.index, error=message))
+            self._free_row(b, "failed")
+
+
+def _send(job: Job, event: Event) -> None:
+    """Hand ``event`` to the request; one whose listener is gone is cancelled instead."""
+    try:
+        job.emit(event)
+    except Exception:
+        job.cancel()
