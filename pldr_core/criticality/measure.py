@@ -158,6 +158,8 @@ def measure_criticality(model, prompts: list[list[int]], protocol: Protocol, *,
                 drift.add(t, G_t, oC.tensors["G_LM"])
     progress("reading out", len(prompts), len(prompts))
     notes = []
+    if len(prompts) < protocol.samples:
+        notes.append(f"{len(prompts)} prompt(s) available, fewer than the {protocol.samples} asked for")
     if not cfg.has_metric_path:
         notes.append(f"g_mode {cfg.g_mode.value}: G_LM does not depend on the input, so OP(G_LM) is 0 by "
                      f"definition; A is q^T q / S of the post-RoPE queries (the model has no "
