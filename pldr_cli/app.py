@@ -20,7 +20,7 @@ app = typer.Typer(
 
 # Order here is the order in --help.
 COMMANDS = ("init_model", "info", "tokenize", "pretrain", "export_gcache", "generate", "eval", "deductive",
-            "bench", "export", "push", "serve")
+            "bench", "export", "push", "serve", "criticality")
 
 
 def _print_version(value: bool) -> None:

