@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("PLDR_GOLDEN", REPO.parent / "shared" / "golden" / "reference-tiny"))
+# The golden vectors ship with the tests; PLDR_GOLDEN points the golden tests at another copy.
+GOLDEN = Path(os.environ.get("PLDR_GOLDEN", REPO / "tests" / "data" / "golden" / "reference-tiny"))
 
 
 def load_script(name: str):
@@ -32,7 +33,7 @@ def load_script(name: str):
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     assert (GOLDEN / "expected.safetensors").is_file(), (
-        f"golden vectors not found at {GOLDEN}; set PLDR_GOLDEN to shared/golden/reference-tiny")
+        f"golden vectors not found at {GOLDEN}; unset PLDR_GOLDEN or point it at a reference-tiny folder")
     return GOLDEN
 
 
