@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 
 import typer
 
@@ -23,6 +24,19 @@ COMMANDS = ("init_model", "info", "tokenize", "pretrain", "export_gcache", "gene
             "bench")
 
 
+class _WarningLine(logging.Handler):
+    """The library's warnings (e.g. an unknown config field) as ``warning: ...`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"warning: {record.getMessage()}", err=True)
+
+
+def _show_library_warnings() -> None:
+    logger = logging.getLogger("pldr_core")
+    if not any(isinstance(h, _WarningLine) for h in logger.handlers):
+        logger.addHandler(_WarningLine(logging.WARNING))
+
+
 def _print_version(value: bool) -> None:
     if value:
         from pldr_core import __version__
@@ -38,6 +52,7 @@ def _root(
                                  callback=_print_version),
 ) -> None:
     _common.STATE["debug"] = debug
+    _show_library_warnings()
 
 
 for _name in COMMANDS:
