@@ -1,4 +1,4 @@
-"""Text in, token data folder out (SPEC sections 3-5), and the reader the trainer uses.
+"""Text in, token data folder out, and the reader the trainer uses.
 
 Token data folder::
 
@@ -14,6 +14,7 @@ the whole corpus. Every input is read through the ``datasets`` library.
 
 from __future__ import annotations
 
+import codecs
 import datetime as _dt
 import json
 import os
@@ -27,6 +28,7 @@ import numpy as np
 from pldr_core.corpus import iter_embedded_documents
 from pldr_core.errors import PLDRError
 from pldr_core.files import atomic_dir
+from pldr_core.textfiles import check_codec, check_decodes
 from pldr_core.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 
 META_FILE = "meta.json"
@@ -106,9 +108,16 @@ def _text_only(ds, column: str, spec: str):
         else ds.select_columns(["text"])
 
 
-def load_documents(sources: list[Source], *, text_column: str = "text", cache_dir: str | Path):
-    """All documents as one ``datasets.Dataset`` with a single ``text`` column."""
+def load_documents(sources: list[Source], *, text_column: str = "text", cache_dir: str | Path,
+                   encoding: str = "utf-8", encoding_errors: str = "strict"):
+    """All documents as one ``datasets.Dataset`` with a single ``text`` column; text and JSON files are
+    decoded with ``encoding`` and ``encoding_errors``."""
     import datasets
+
+    # datasets passes UTF-8 JSON bytes to pyarrow undecoded (errors unhandled) unless the codec is
+    # spelt otherwise; the alias routes them through decode(errors=...).
+    json_encoding = "utf_8" if codecs.lookup(encoding).name == "utf-8" and encoding_errors != "strict" \
+        else encoding
 
     datasets.disable_progress_bars()
     parts = []
@@ -120,9 +129,14 @@ def load_documents(sources: list[Source], *, text_column: str = "text", cache_di
                     [{"text": d["text"]} for d in iter_embedded_documents()])
             elif src.kind == "text":
                 ds = datasets.load_dataset("text", data_files=src.files, split="train",
-                                           sample_by="document", cache_dir=str(cache_dir))
-            elif src.kind in ("json", "parquet"):
-                ds = datasets.load_dataset(src.kind, data_files=src.files, split="train",
+                                           sample_by="document", cache_dir=str(cache_dir),
+                                           encoding=encoding, encoding_errors=encoding_errors)
+            elif src.kind == "json":
+                ds = datasets.load_dataset("json", data_files=src.files, split="train", cache_dir=str(cache_dir),
+                                           encoding=json_encoding, encoding_errors=encoding_errors)
+                ds = _text_only(ds, text_column, src.spec)
+            elif src.kind == "parquet":
+                ds = datasets.load_dataset("parquet", data_files=src.files, split="train",
                                            cache_dir=str(cache_dir))
                 ds = _text_only(ds, text_column, src.spec)
             elif src.kind == "disk":
@@ -253,8 +267,8 @@ def split_rows(flat_file: Path, out_dir: Path, dtype: np.dtype, seq_len: int, va
 
 def tokenize_corpus(inputs: list[str], out: str | Path, *, vocab_size: int = 32000,
                     tokenizer: str | Path | None = None, seq_len: int = 1024, val_fraction: float = 0.01,
-                    text_column: str = "text", progress: Progress = _no_progress,
-                    max_training_lines: int = 2_000_000) -> dict:
+                    text_column: str = "text", encoding: str = "utf-8", encoding_errors: str = "strict",
+                    progress: Progress = _no_progress, max_training_lines: int = 2_000_000) -> dict:
     """Read INPUTs, train (or load) the tokenizer, encode, pack and write the token data folder.
 
     The folder is written atomically; on any error nothing is left at ``out``. Returns meta.json.
@@ -269,6 +283,10 @@ def tokenize_corpus(inputs: list[str], out: str | Path, *, vocab_size: int = 320
     if tokenizer is not None:
         Tokenizer(tokenizer)  # fails early on a bad model
     sources = resolve_inputs(list(inputs))
+    check_codec(encoding, encoding_errors)
+    if encoding_errors == "strict":
+        for file in (f for src in sources if src.kind in ("text", "json") for f in src.files):
+            check_decodes(file, encoding)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PLDRError(f"--out {out} exists and is not a folder")
@@ -276,7 +294,8 @@ def tokenize_corpus(inputs: list[str], out: str | Path, *, vocab_size: int = 320
     with atomic_dir(out) as tmp:
         work = tmp / ".work"
         work.mkdir()
-        ds = load_documents(sources, text_column=text_column, cache_dir=work / "cache")
+        ds = load_documents(sources, text_column=text_column, cache_dir=work / "cache", encoding=encoding,
+                            encoding_errors=encoding_errors)
         progress("read", len(ds), len(ds))
         if tokenizer is None:
             progress("train tokenizer", 0, None)
@@ -302,6 +321,7 @@ def tokenize_corpus(inputs: list[str], out: str | Path, *, vocab_size: int = 320
                           "eos_id": tok.eos_id, "pad_id": tok.pad_id},
             "source": [s.spec for s in sources],
             "text_column": text_column,
+            "encoding": {"name": encoding, "errors": encoding_errors},
             "documents": docs,
             "characters": chars,
             "seq_len": seq_len,
