@@ -20,8 +20,8 @@ app = typer.Typer(
 )
 
 # Order here is the order in --help.
-COMMANDS = ("init_model", "info", "tokenize", "pretrain", "export_gcache", "generate", "eval", "deductive",
-            "bench")
+COMMANDS = ("init_model", "info", "doctor", "tokenize", "pretrain", "export_gcache", "generate", "eval",
+            "deductive", "bench")
 
 
 class _WarningLine(logging.Handler):

@@ -172,3 +172,55 @@ def test_info_reads_the_weights_header(tmp_path, how):
     r = run("info", tmp_path / "m")
     assert r.exit_code == 2, r.output
     assert needle in r.stderr and "model.safetensors" in r.stderr and not r.stdout
+
+
+def _findings(r):
+    return [(f["check"], f["status"]) for f in json.loads(r.stdout)["findings"]]
+
+
+def test_doctor_reports_each_check_and_a_gcache_against_the_model(tmp_path, spm_model):
+    m = tmp_path / "m"
+    assert run("init", "--out", m, "--tokenizer", spm_model).exit_code == 0
+    assert run("export-gcache", m, "--out", tmp_path / "g.safetensors", "--tokens", "3").exit_code == 0
+    r = run("doctor", m, "--gcache", tmp_path / "g.safetensors", "--json")
+    assert r.exit_code == 0, r.output
+    assert _findings(r) == [("config", "ok"), ("weights", "ok"), ("tokenizer", "ok"), ("meta.json", "ok"),
+                            ("g-cache", "ok")]
+    assert run("init", "--out", tmp_path / "other", "--tokenizer", spm_model, "--seed", 3).exit_code == 0
+    r = run("doctor", tmp_path / "other", "--gcache", tmp_path / "g.safetensors", "--json")
+    assert r.exit_code == 0 and ("g-cache", "warning") in _findings(r)  # same shape, another model
+    assert run("init", "--out", tmp_path / "wide", "--preset", "small").exit_code == 0
+    r = run("doctor", tmp_path / "wide", "--gcache", tmp_path / "g.safetensors", "--json")
+    assert r.exit_code == 2 and ("g-cache", "error") in _findings(r)
+    r = run("doctor", m, "--gcache", tmp_path / "nope.safetensors")
+    assert r.exit_code == 2 and "not found" in r.stdout
+
+
+def test_doctor_finds_tokenizer_config_meta_and_weights_problems(tmp_path, spm_model):
+    m = tmp_path / "m"
+    assert run("init", "--out", m, "--vocab-size", 100).exit_code == 0
+    (m / "tokenizer.model").write_bytes(spm_model.read_bytes())  # more pieces than embedding rows
+    _edit_config(m, num_head=2)
+    (m / "meta.json").write_text("{not json")
+    sd_path = m / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(sd_path))
+    sd["final_layer.bias"][0] = float("nan")
+    save_file(sd, str(sd_path))
+    r = run("doctor", m, "--json")
+    assert r.exit_code == 2
+    found = json.loads(r.stdout)["findings"]
+    assert ("config", "warning") in _findings(r) and ("meta.json", "error") in _findings(r)
+    assert any(f["check"] == "tokenizer" and f["status"] == "error" and "pieces" in f["detail"] for f in found)
+    assert any(f["check"] == "weights" and "nan" in f["detail"] and "final_layer.bias" in f["detail"]
+               for f in found)
+    r = run("doctor", m)  # the table names the failing checks
+    assert r.exit_code == 2 and "error" in r.stdout and "meta.json" in r.stdout
+
+
+def test_doctor_on_a_truncated_model(tmp_path):
+    assert run("init", "--out", tmp_path / "m").exit_code == 0
+    _corrupt(tmp_path / "m", "truncated", tmp_path)
+    r = run("doctor", tmp_path / "m", "--json")
+    assert r.exit_code == 2 and ("weights", "error") in _findings(r)
