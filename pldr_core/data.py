@@ -114,67 +114,75 @@ def load_documents(sources: list[Source], *, text_column: str = "text", cache_di
     decoded with ``encoding`` and ``encoding_errors``."""
     import datasets
 
-    # datasets passes UTF-8 JSON bytes to pyarrow undecoded (errors unhandled) unless the codec is
-    # spelt otherwise; the alias routes them through decode(errors=...).
-    json_encoding = "utf_8" if codecs.lookup(encoding).name == "utf-8" and encoding_errors != "strict" \
-        else encoding
-
     datasets.disable_progress_bars()
-    parts = []
-    for src in sources:
-        try:
-            if src.kind == "embedded":
-
-                ds = datasets.Dataset.from_list(
-                    [{"text": d["text"]} for d in iter_embedded_documents()])
-            elif src.kind == "text":
-                ds = datasets.load_dataset("text", data_files=src.files, split="train",
-                                           sample_by="document", cache_dir=str(cache_dir),
-                                           encoding=encoding, encoding_errors=encoding_errors)
-            elif src.kind == "json":
-                ds = datasets.load_dataset("json", data_files=src.files, split="train", cache_dir=str(cache_dir),
-                                           encoding=json_encoding, encoding_errors=encoding_errors)
-                ds = _text_only(ds, text_column, src.spec)
-            elif src.kind == "parquet":
-                ds = datasets.load_dataset("parquet", data_files=src.files, split="train",
-                                           cache_dir=str(cache_dir))
-                ds = _text_only(ds, text_column, src.spec)
-            elif src.kind == "disk":
-                ds = datasets.load_from_disk(src.files[0])
-                if isinstance(ds, datasets.DatasetDict):
-                    ds = ds["train"] if "train" in ds else datasets.concatenate_datasets(list(ds.values()))
-                ds = _text_only(ds, text_column, src.spec)
-            else:  # hf:NAME[:CONFIG], streamed
-                name, _, config = src.spec[3:].partition(":")
-                if datasets.config.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1" \
-                        or os.environ.get("HF_HUB_OFFLINE") == "1":
-                    raise PLDRError(f"cannot stream {src.spec}: the hub is switched off (HF_HUB_OFFLINE); "
-                                    "pass local files or a save_to_disk folder")
-                stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
-
-                def gen(stream=stream):
-                    for row in stream:
-                        if text_column not in row:
-                            raise PLDRError(f"{src.spec} has no column {text_column!r} "
-                                            f"(columns: {', '.join(row)}); pick one with --text-column")
-                        yield {"text": row[text_column]}
-
-                ds = datasets.Dataset.from_generator(gen, cache_dir=str(cache_dir))
-        except PLDRError:
-            raise
-        except Exception as exc:  # datasets raises many types for unreadable / unreachable inputs
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if src.kind == "hf":
-                raise PLDRError(f"cannot stream {src.spec} from the hub ({msg}); offline, pass local "
-                                "files or a save_to_disk folder") from None
-            raise PLDRError(f"cannot read {src.spec}: {msg}") from None
-        if ds.features["text"].dtype != "string":
-            raise PLDRError(f"{src.spec}: column {text_column!r} does not hold text")
-        parts.append(ds)
+    verbosity = datasets.logging.get_verbosity()
+    # datasets logs a failed read with its traceback before raising; the raise becomes our one line
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        parts = [_load_source(datasets, src, text_column, cache_dir, encoding, encoding_errors)
+                 for src in sources]
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     ds = ds.filter(lambda t: t is not None and bool(t.strip()), input_columns="text")
     if len(ds) == 0:
         raise PLDRError(f"no text found in {', '.join(s.spec for s in sources)} (empty corpus)")
+    return ds
+
+
+def _load_source(datasets, src: Source, text_column: str, cache_dir, encoding: str, encoding_errors: str):
+    """One INPUT as a ``datasets.Dataset`` with a ``text`` column."""
+    # datasets passes UTF-8 JSON bytes to pyarrow undecoded (errors unhandled) unless the codec is
+    # spelt otherwise; the alias routes them through decode(errors=...).
+    json_encoding = "utf_8" if codecs.lookup(encoding).name == "utf-8" and encoding_errors != "strict" \
+        else encoding
+    try:
+        if src.kind == "embedded":
+            ds = datasets.Dataset.from_list(
+                [{"text": d["text"]} for d in iter_embedded_documents()])
+        elif src.kind == "text":
+            ds = datasets.load_dataset("text", data_files=src.files, split="train",
+                                       sample_by="document", cache_dir=str(cache_dir),
+                                       encoding=encoding, encoding_errors=encoding_errors)
+        elif src.kind == "json":
+            ds = datasets.load_dataset("json", data_files=src.files, split="train", cache_dir=str(cache_dir),
+                                       encoding=json_encoding, encoding_errors=encoding_errors)
+            ds = _text_only(ds, text_column, src.spec)
+        elif src.kind == "parquet":
+            ds = datasets.load_dataset("parquet", data_files=src.files, split="train",
+                                       cache_dir=str(cache_dir))
+            ds = _text_only(ds, text_column, src.spec)
+        elif src.kind == "disk":
+            ds = datasets.load_from_disk(src.files[0])
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else datasets.concatenate_datasets(list(ds.values()))
+            ds = _text_only(ds, text_column, src.spec)
+        else:  # hf:NAME[:CONFIG], streamed
+            name, _, config = src.spec[3:].partition(":")
+            if datasets.config.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1" \
+                    or os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise PLDRError(f"cannot stream {src.spec}: the hub is switched off (HF_HUB_OFFLINE); "
+                                "pass local files or a save_to_disk folder")
+            stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
+
+            def gen(stream=stream):
+                for row in stream:
+                    if text_column not in row:
+                        raise PLDRError(f"{src.spec} has no column {text_column!r} "
+                                        f"(columns: {', '.join(row)}); pick one with --text-column")
+                    yield {"text": row[text_column]}
+
+            ds = datasets.Dataset.from_generator(gen, cache_dir=str(cache_dir))
+    except PLDRError:
+        raise
+    except Exception as exc:  # datasets raises many types for unreadable / unreachable inputs
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if src.kind == "hf":
+            raise PLDRError(f"cannot stream {src.spec} from the hub ({msg}); offline, pass local "
+                            "files or a save_to_disk folder") from None
+        raise PLDRError(f"cannot read {src.spec}: {msg}") from None
+    if ds.features["text"].dtype != "string":
+        raise PLDRError(f"{src.spec}: column {text_column!r} does not hold text")
     return ds
 
 
