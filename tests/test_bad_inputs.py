@@ -105,6 +105,8 @@ INIT = [
     ("init-vocab-below-tokenizer", lambda w: (["init", "--tokenizer", w.spm, "--vocab-size", 10, "--out",
                                                w.out], "vocab")),
     ("init-out-is-file", lambda w: (["init", "--out", w.file("taken", "x")], "taken")),
+    ("init-g-file-not-fixed", lambda w: (["init", "--g-file", w.gcache, "--out", w.out], "--g-file")),
+    ("init-out-under-file", lambda w: (["init", "--out", w.file("taken", "x") / "m"], "taken")),
 ]
 
 INFO = [
@@ -132,6 +134,11 @@ INFO = [
     ("info-not-pth", lambda w: (["info", w.file("model.bin", b"x")], "model.bin")),
     ("info-g-mode-alone", lambda w: (["info", w.model, "--g-mode", "identity"], "--g-mode")),
     ("info-both", lambda w: (["info", w.model, "--preset", "tiny"], "--preset")),
+    ("info-config-is-dir", lambda w: (["info", (w.model_without("config.json") / "config.json").mkdir()
+                                       or w.tmp / "m"], "config.json")),
+    ("info-hf-bad-g-type", lambda w: (["info", w.model_with_config(model_type="pldrllm", custom_G_type="odd")],
+                                      "custom_G_type")),
+    ("info-config-dag-nan", lambda w: (["info", w.model_with_config(dag=[float("nan"), 0, 0])], "dag")),
 ]
 
 DOCTOR = [
@@ -153,6 +160,8 @@ DOCTOR_TABLE = [
     ("doctor-gcache-png", lambda w: (["doctor", w.model, "--gcache", w.png("g.safetensors")], "g.safetensors")),
     ("doctor-gcache-shape", lambda w: (["doctor", w.model, "--gcache", w.gcache_of_shape(2, 4, 8)],
                                        "other.safetensors")),
+    ("doctor-gcache-is-weights", lambda w: (["doctor", w.model, "--gcache", w.model / "model.safetensors"],
+                                            "not a pldr G-cache")),
 ]
 
 TOKENIZE = [
@@ -183,9 +192,12 @@ TOKENIZE = [
     ("tok-errors", lambda w: (["tokenize", w.text(), "--out", w.out, "--errors", "nope"], "--errors")),
     ("tok-latin1", lambda w: (["tokenize", w.file("l.txt", "caf\xe9 ".encode("latin-1") * 500), "--out", w.out,
                                "--tokenizer", w.spm], "l.txt")),
+    ("tok-tokenizer-dir", lambda w: (["tokenize", w.text(), "--out", w.out, "--tokenizer", w.tmp], str(w.tmp))),
+    ("tok-out-under-file", lambda w: (["tokenize", w.text(), "--out", w.file("taken", "x") / "d", "--tokenizer",
+                                       w.spm], "taken")),
 ]
 
-_TRAIN = ["pretrain", "--steps", 2, "--batch-size", 2, "--device", "cpu", "--no-compile"]
+_TRAIN = ["pretrain", "--steps", 1, "--eval-batches", 1, "--batch-size", 2, "--device", "cpu", "--no-compile"]
 _B = "task B owns pretrain's numeric validation"
 PRETRAIN = [
     ("pre-data-missing", lambda w: ([*_TRAIN, "--data", w.tmp / "nod", "--out", w.out], "nod")),
@@ -214,6 +226,15 @@ PRETRAIN = [
        _B),
     ("pre-device", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.out, "--device", "banana"], "banana")),
     ("pre-out-is-file", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.file("taken", "x")], "taken")),
+    ("pre-grad-accum-0", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.out, "--grad-accum", 0], "--grad-accum")),
+    xf(("pre-eval-every-0", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.out, "--eval-every", 0], "--eval-every")), _B),
+    xf(("pre-warmup-neg", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.out, "--warmup", -1], "--warmup")), _B),
+    ("pre-g-file-shape", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.out, "--g-mode", "fixed", "--g-file",
+                                     w.gcache_of_shape(3, 2, 16)], "other.safetensors")),
+    xf(("pre-vocab-below-data", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.out, "--config",
+                                         w.file("c.json", json.dumps({**json.loads((w.model / "config.json")
+                                                                                   .read_text()), "vocab_size": 50}))],
+                                        "vocab")), _B),
 ]
 
 _GC = lambda w, *extra: ["export-gcache", w.model, "--out", w.tmp / "g.safetensors", *extra]  # noqa: E731
@@ -236,6 +257,9 @@ EXPORT = [
                                     w.tmp / "g.safetensors", "--prompt", "hi"], "tokenizer")),
     ("gc-device", lambda w: (_GC(w, "--tokens", "3", "--device", "banana"), "banana")),
     ("gc-out-is-dir", lambda w: (["export-gcache", w.model, "--out", w.tmp, "--tokens", "3"], str(w.tmp.name))),
+    ("gc-tokens-vocab-edge", lambda w: (_GC(w, "--tokens", "5,400"), "400")),
+    ("gc-out-under-file", lambda w: (["export-gcache", w.model, "--out", w.file("taken", "x") / "g.safetensors",
+                                      "--tokens", "3"], "taken")),
 ]
 
 _GEN = lambda w, *extra: ["generate", w.model, "--tokens", "5,6", "-n", 2, "--device", "cpu", *extra]  # noqa: E731
@@ -264,6 +288,9 @@ GENERATE = [
     ("gen-prompts-missing", lambda w: (_GEN(w, "--prompts-file", w.tmp / "p.txt"), "p.txt")),
     ("gen-no-tokenizer", lambda w: (["generate", w.model_without("tokenizer.model"), "--prompt", "hi",
                                      "--device", "cpu"], "tokenizer")),
+    ("gen-tokens-empty", lambda w: (["generate", w.model, "--tokens", "", "--device", "cpu"], "--tokens")),
+    ("gen-gcache-is-weights", lambda w: (_GEN(w, "--gcache", w.model / "model.safetensors"), "G-cache")),
+    ("gen-top-k-big-ok-but-n-huge", lambda w: (_GEN(w, "-n", 10**9), "--max-new-tokens")),
 ]
 
 _C_EVAL = "task C: eval prints its task list before it loads the model and G-cache (two lines)"
@@ -285,6 +312,7 @@ EVAL = [
                                          "other.safetensors")), _C_EVAL),
     ("eval-data-dir-missing", lambda w: (_EV(w, "--data-dir", w.tmp / "olmo"), "olmo")),
     ("eval-device", lambda w: (["eval", w.model, "--tasks", "pldr_zeroshot", "--device", "banana"], "banana")),
+    ("eval-batch-neg", lambda w: (_EV(w, "--batch-size", -1), "batch size")),
 ]
 
 _IN = lambda w, *extra: ["inspect", w.model, "--prompt", "", *extra]  # noqa: E731
@@ -303,6 +331,7 @@ INSPECT = [
     ("insp-prompts-missing", lambda w: (["inspect", w.model, "--prompts-file", w.tmp / "p.txt"], "p.txt")),
     ("insp-json-is-dir", lambda w: (_IN(w, "--json", (w.tmp / "d").mkdir() or w.tmp / "d"), str(w.tmp / "d"))),
     ("insp-device", lambda w: (_IN(w, "--device", "banana"), "banana")),
+    ("insp-dump-under-file", lambda w: (_IN(w, "--dump", w.file("taken", "x") / "d.safetensors"), "taken")),
 ]
 
 _BE = lambda *extra: ["bench", "train", "--preset", "tiny", "--device", "cpu", *extra]  # noqa: E731
@@ -315,6 +344,8 @@ BENCH = [
     ("bench-repeats-0", lambda w: (["bench", "decode", "--device", "cpu", "--repeats", 0], "--repeats")),
     ("bench-device", lambda w: (["bench", "--device", "banana"], "banana")),
     ("bench-json-dir", lambda w: (["bench", "--device", "cpu", "--json", w.tmp], "--json")),
+    ("bench-decode-batch-0", lambda w: (["bench", "decode", "--device", "cpu", "--decode-batch", 0],
+                                        "--decode-batch")),
 ]
 
 ONE_LINE = INIT + INFO + DOCTOR + TOKENIZE + PRETRAIN + EXPORT + GENERATE + EVAL + INSPECT + BENCH
