@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 
 import typer
 
@@ -19,8 +20,21 @@ app = typer.Typer(
 )
 
 # Order here is the order in --help.
-COMMANDS = ("init_model", "info", "tokenize", "pretrain", "export_gcache", "generate", "eval", "deductive",
-            "bench", "export", "push", "serve", "criticality")
+COMMANDS = ("init_model", "info", "doctor", "tokenize", "pretrain", "export_gcache", "generate", "eval",
+            "deductive", "criticality", "bench", "export", "push", "serve")
+
+
+class _WarningLine(logging.Handler):
+    """The library's warnings (e.g. an unknown config field) as ``warning: ...`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"warning: {record.getMessage()}", err=True)
+
+
+def _show_library_warnings() -> None:
+    logger = logging.getLogger("pldr_core")
+    if not any(isinstance(h, _WarningLine) for h in logger.handlers):
+        logger.addHandler(_WarningLine(logging.WARNING))
 
 
 def _print_version(value: bool) -> None:
@@ -38,6 +52,7 @@ def _root(
                                  callback=_print_version),
 ) -> None:
     _common.STATE["debug"] = debug
+    _show_library_warnings()
 
 
 for _name in COMMANDS:

@@ -28,7 +28,10 @@ def build_model(config: PLDRConfig, *, seed: int = 0, g_file: str | Path | None 
     if g_file is not None:
 
         gc = read_gcache(g_file)
-        model.set_fixed_g(gc.G_LM[:, 0], gc.A_LM[:, 0])
+        try:
+            model.set_fixed_g(gc.G_LM[:, 0], gc.A_LM[:, 0])
+        except PLDRError as exc:
+            raise PLDRError(f"--g-file {g_file}: {exc}") from None
     return model
 
 

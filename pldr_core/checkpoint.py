@@ -280,3 +280,100 @@ def fingerprint(model: torch.nn.Module) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.to(torch.float32).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+# ---- weights header check (no tensor data read) --------------------------------------------------
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
+                         "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_MAX_HEADER = 100 << 20
+
+
+def read_safetensors_header(file: str | Path) -> dict[str, dict]:
+    """Tensor entries (dtype, shape, data_offsets) of a safetensors file from its header alone.
+
+    The file is an 8-byte little-endian header length, that many bytes of JSON, then the tensor data;
+    PLDRError when the header is unreadable or the file is shorter than the data it describes.
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise PLDRError(f"weights file not found: {file}")
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise PLDRError(f"{file} is not a safetensors file ({size} bytes: too short for a header)")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, _MAX_HEADER):
+            raise PLDRError(f"{file} is not a safetensors file (its first 8 bytes announce a {n:,}-byte "
+                            f"header in a {size:,}-byte file)")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise PLDRError(f"{file} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise PLDRError(f"{file} is not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], list(entry["shape"]), entry["data_offsets"]
+            begin, end = int(begin), int(end)
+            count = 1
+            for dim in shape:
+                count *= int(dim)
+            nbytes = count * _SAFETENSORS_ITEMSIZE[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise PLDRError(f"{file}: the header entry of tensor {name} is malformed") from None
+        if end - begin != nbytes or begin < 0:
+            raise PLDRError(f"{file}: tensor {name} ({dtype} {shape}) claims {end - begin} bytes, needs {nbytes}")
+        if end > data_size:
+            raise PLDRError(f"{file} is truncated: tensor {name} ends at byte {8 + n + end:,} of a "
+                            f"{size:,}-byte file")
+    return header
+
+
+def expected_tensors(config: PLDRConfig) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor a model of ``config`` saves (built on the meta device)."""
+    with torch.device("meta"):
+        model = PLDRModel(config)
+    return {k: tuple(t.shape) for k, t in model.state_dict().items() if ".rotary_embedding." not in k}
+
+
+def weights_problems(path: str | Path, config: PLDRConfig | None = None) -> list[str]:
+    """What is wrong with a model directory's weights file against its config, read from the header:
+    unreadable or truncated file, missing or unexpected tensors, wrong shapes, non-float dtypes."""
+    path = Path(path)
+    layout = detect_layout(path)
+    if layout == "pth":
+        return []  # the config is inferred from the tensors themselves
+    config = config or load_config(path)
+    file = path / WEIGHTS_FILE
+    try:
+        header = read_safetensors_header(file)
+    except PLDRError as exc:
+        return [str(exc)]
+    expected = expected_tensors(config)
+    if layout == "hf":
+        header = {k: v for k, v in header.items() if not k.startswith("decoder.past_G_values")}
+        if config.g_mode is GMode.FIXED:  # A_LM and G_LM come packed in decoder.past_G_values
+            expected = {k: v for k, v in expected.items() if not k.endswith((".A_LM", ".G_LM"))}
+    found = {k: v for k, v in clean_state_dict(header).items() if ".rotary_embedding." not in k}
+    problems = []
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    if missing:
+        problems.append(f"{file} lacks {len(missing)} tensor(s) the config needs, e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"{file} holds {len(unexpected)} tensor(s) the config has no place for, "
+                        f"e.g. {unexpected[0]}")
+    for name, shape in expected.items():
+        entry = found.get(name)
+        if entry is None:
+            continue
+        if tuple(entry["shape"]) != shape:
+            problems.append(f"{file}: {name} has shape {list(entry['shape'])}, the config expects {list(shape)}")
+        elif entry["dtype"] not in _FLOAT_DTYPES:
+            problems.append(f"{file}: {name} has dtype {entry['dtype']}, expected a float type")
+    return problems

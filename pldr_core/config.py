@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,9 +70,22 @@ class MetricPrecision(_StrEnum):
     """Full fp32 (IEEE) matmuls."""
 
 
+logger = logging.getLogger(__name__)
+
 G_MODES = tuple(m.value for m in GMode)
 ROPE_STYLES = ("interleaved", "half")
 CONFIG_VERSION = 1
+# A config file must state these: a default would build a model the weights do not fit.
+SHAPE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "A_dff", "num_reslayerA", "num_denseA",
+                "max_seq_len")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(kw_only=True)
@@ -128,11 +143,12 @@ class PLDRConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "A_dff", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise PLDRError(f"config field {name} must be a positive integer, got {value!r}")
         for name in ("num_reslayerA", "num_denseA"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise PLDRError(f"config field {name} must be a non-negative integer")
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise PLDRError(f"config field {name} must be a non-negative integer, got {value!r}")
         if self.d_model % self.num_heads:
             raise PLDRError(
                 f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
@@ -142,17 +158,42 @@ class PLDRConfig:
             raise PLDRError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.dff is None:
             self.dff = math.floor(8 * self.d_model / 3)
+        elif not _is_int(self.dff) or self.dff < 1:
+            raise PLDRError(f"config field dff must be a positive integer or null, got {self.dff!r}")
         self.g_mode = GMode.parse(self.g_mode, "g_mode")
         if self.rope_style not in ROPE_STYLES:
             raise PLDRError(
                 f"unknown rope_style {self.rope_style!r}; choose one of {', '.join(ROPE_STYLES)}"
             )
-        dag = tuple(float(x) for x in self.dag)
-        if len(dag) != 3:
-            raise PLDRError("dag must hold three coefficients (l1, l2, l3)")
-        self.dag = dag
-        if self.g_random_std <= 0:
-            raise PLDRError("g_random_std must be positive")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """Type and range of the scalar fields a hand-edited config.json can get wrong."""
+        for name in ("rope_base", "layer_norm_eps", "g_random_std"):
+            value = getattr(self, name)
+            if not _is_real(value) or not value > 0:
+                raise PLDRError(f"config field {name} must be a positive finite number, got {value!r}")
+            setattr(self, name, float(value))
+        if not _is_real(self.g_random_mean):
+            raise PLDRError(f"config field g_random_mean must be a finite number, got {self.g_random_mean!r}")
+        self.g_random_mean = float(self.g_random_mean)
+        if not isinstance(self.dag, (list, tuple)) or len(self.dag) != 3 \
+                or not all(_is_real(x) and x >= 0 for x in self.dag):
+            raise PLDRError(f"dag must hold three non-negative coefficients (l1, l2, l3), got {self.dag!r}")
+        self.dag = tuple(float(x) for x in self.dag)
+        if not _is_int(self.g_random_seed):
+            raise PLDRError(f"config field g_random_seed must be an integer, got {self.g_random_seed!r}")
+        for name in ("pad_id", "unk_id", "bos_id", "eos_id"):
+            value = getattr(self, name)
+            if not _is_int(value) or not 0 <= value < self.vocab_size:
+                raise PLDRError(f"config field {name} must be a token id in [0, vocab_size "
+                                f"{self.vocab_size}), got {value!r}")
+        if not _is_int(self.version) or not 1 <= self.version <= CONFIG_VERSION:
+            raise PLDRError(f"config version {self.version!r} is not one this pldr reads (1 to {CONFIG_VERSION})")
+        if not isinstance(self.name, str):
+            raise PLDRError(f"config field name must be a string, got {self.name!r}")
+        if self.g_source is not None and not isinstance(self.g_source, str):
+            raise PLDRError(f"config field g_source must be a string or null, got {self.g_source!r}")
 
     @property
     def has_metric_path(self) -> bool:
@@ -177,11 +218,23 @@ class PLDRConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PLDRConfig":
-        """Build from a dict; missing fields take their defaults, derived and unknown keys are ignored."""
+        """Build from a dict (a config.json). The shape fields must be present; fields added later
+        take their defaults; derived keys are ignored and unknown ones logged as warnings."""
         if not isinstance(data, dict):
-            raise PLDRError("a config must be a JSON object")
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
-        return cls(**{k: v for k, v in data.items() if k in known})
+            raise PLDRError(f"a config must be a JSON object, got {type(data).__name__}")
+        fields = {f.name: f.init for f in dataclasses.fields(cls)}
+        unknown = [str(key) for key in data if key not in fields]
+        missing = [name for name in SHAPE_FIELDS if name not in data]
+        if missing:
+            typos = [f"{k!r}" for k in unknown if difflib.get_close_matches(k, missing, n=1)]
+            hint = f" ({', '.join(typos)} is not a field: a typo?)" if typos else ""
+            raise PLDRError(f"config lacks the shape field(s) {', '.join(missing)}{hint}; no default "
+                            "can match the weights")
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            logger.warning("config field %r is unknown and ignored%s", key, hint)
+        return cls(**{k: v for k, v in data.items() if fields.get(k)})
 
     def to_json(self, path: str | Path) -> None:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
@@ -195,7 +248,10 @@ class PLDRConfig:
             raise PLDRError(f"config file not found: {path}") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise PLDRError(f"cannot read config {path}: {exc}") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except PLDRError as exc:
+            raise PLDRError(f"{path}: {exc}") from None
 
 
 PRESETS: dict[str, dict] = {

@@ -1,4 +1,4 @@
-"""Pretraining text that needs no dataset hub (SPEC section 7).
+"""Pretraining text that needs no dataset hub.
 
 Two corpora:
 - the embedded default corpus, ``pldr_core/data/corpus.jsonl.xz`` (public-domain English: Moby Dick

@@ -1,4 +1,4 @@
-"""Text in, token data folder out (SPEC sections 3-5), and the reader the trainer uses.
+"""Text in, token data folder out, and the reader the trainer uses.
 
 Token data folder::
 
@@ -9,7 +9,7 @@ Token data folder::
 
 Documents are encoded without BOS, each followed by EOS, concatenated and cut into rows of seq_len
 (the tail shorter than a row is dropped). Validation rows are every k-th row, so both splits sample
-the whole corpus. Every input is read through the ``datasets`` library.
+the whole corpus. Inputs are resolved and read in ``pldr_core.sources``.
 """
 
 from __future__ import annotations
@@ -19,20 +19,16 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pldr_core.corpus import iter_embedded_documents
 from pldr_core.errors import PLDRError
 from pldr_core.files import atomic_dir
+from pldr_core.sources import check_codec, check_decodes, load_documents, resolve_inputs
 from pldr_core.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 
 META_FILE = "meta.json"
-TEXT_SUFFIXES = (".txt", ".text", ".md")
-TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-EMBEDDED = "embedded"
 
 # A progress callback: progress(stage, done, total) with total None when unknown.
 Progress = Callable[[str, int, "int | None"], None]
@@ -40,128 +36,6 @@ Progress = Callable[[str, int, "int | None"], None]
 
 def _no_progress(stage: str, done: int, total: int | None) -> None:
     pass
-
-
-# ---- reading documents ------------------------------------------------------------------------
-@dataclass
-class Source:
-    """One resolved INPUT: what it is and how ``datasets`` reads it."""
-
-    spec: str
-    kind: str  # text | json | parquet | disk | hf | embedded
-    files: list[str]
-
-
-def resolve_inputs(inputs: list[str]) -> list[Source]:
-    """Check every INPUT before any heavy work; PLDRError names the first bad one."""
-    if not inputs:
-        return [Source(EMBEDDED, "embedded", [])]
-    out = []
-    for spec in inputs:
-        spec = str(spec)
-        if spec == EMBEDDED:
-            out.append(Source(spec, "embedded", []))
-            continue
-        if spec.startswith("hf:"):
-            if len(spec) <= 3:
-                raise PLDRError("hf: needs a dataset name, e.g. hf:roneneldan/TinyStories")
-            out.append(Source(spec, "hf", []))
-            continue
-        p = Path(spec)
-        if not p.exists():
-            raise PLDRError(f"input not found: {spec}")
-        if p.is_dir():
-            if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() \
-                    or (p / "state.json").is_file():
-                out.append(Source(spec, "disk", [str(p)]))
-                continue
-            files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
-            tables = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TABLE_SUFFIXES)
-            if files:
-                out.append(Source(spec, "text", files))
-            for f in tables:
-                out.append(Source(f, TABLE_SUFFIXES[Path(f).suffix.lower()], [f]))
-            if not files and not tables:
-                raise PLDRError(f"{spec} holds no .txt/.jsonl/.json/.parquet files (nothing to tokenize)")
-            continue
-        suffix = p.suffix.lower()
-        if suffix in TEXT_SUFFIXES:
-            out.append(Source(spec, "text", [str(p)]))
-        elif suffix in TABLE_SUFFIXES:
-            out.append(Source(spec, TABLE_SUFFIXES[suffix], [str(p)]))
-        else:
-            raise PLDRError(f"{spec}: unsupported input type {suffix or '(no suffix)'}; use .txt, .jsonl, "
-                            ".json, .parquet, a folder, a datasets save_to_disk folder or hf:NAME")
-        if not os.access(p, os.R_OK):
-            raise PLDRError(f"{spec} is not readable")
-    return out
-
-
-def _text_only(ds, column: str, spec: str):
-    names = ds.column_names
-    if column not in names:
-        raise PLDRError(f"{spec} has no column {column!r} (columns: {', '.join(names)}); "
-                        "pick one with --text-column")
-    return ds.select_columns([column]).rename_column(column, "text") if column != "text" \
-        else ds.select_columns(["text"])
-
-
-def load_documents(sources: list[Source], *, text_column: str = "text", cache_dir: str | Path):
-    """All documents as one ``datasets.Dataset`` with a single ``text`` column."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    parts = []
-    for src in sources:
-        try:
-            if src.kind == "embedded":
-
-                ds = datasets.Dataset.from_list(
-                    [{"text": d["text"]} for d in iter_embedded_documents()])
-            elif src.kind == "text":
-                ds = datasets.load_dataset("text", data_files=src.files, split="train",
-                                           sample_by="document", cache_dir=str(cache_dir))
-            elif src.kind in ("json", "parquet"):
-                ds = datasets.load_dataset(src.kind, data_files=src.files, split="train",
-                                           cache_dir=str(cache_dir))
-                ds = _text_only(ds, text_column, src.spec)
-            elif src.kind == "disk":
-                ds = datasets.load_from_disk(src.files[0])
-                if isinstance(ds, datasets.DatasetDict):
-                    ds = ds["train"] if "train" in ds else datasets.concatenate_datasets(list(ds.values()))
-                ds = _text_only(ds, text_column, src.spec)
-            else:  # hf:NAME[:CONFIG], streamed
-                name, _, config = src.spec[3:].partition(":")
-                if datasets.config.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1" \
-                        or os.environ.get("HF_HUB_OFFLINE") == "1":
-                    raise PLDRError(f"cannot stream {src.spec}: the hub is switched off (HF_HUB_OFFLINE); "
-                                    "pass local files or a save_to_disk folder")
-                stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
-
-                def gen(stream=stream):
-                    for row in stream:
-                        if text_column not in row:
-                            raise PLDRError(f"{src.spec} has no column {text_column!r} "
-                                            f"(columns: {', '.join(row)}); pick one with --text-column")
-                        yield {"text": row[text_column]}
-
-                ds = datasets.Dataset.from_generator(gen, cache_dir=str(cache_dir))
-        except PLDRError:
-            raise
-        except Exception as exc:  # datasets raises many types for unreadable / unreachable inputs
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if src.kind == "hf":
-                raise PLDRError(f"cannot stream {src.spec} from the hub ({msg}); offline, pass local "
-                                "files or a save_to_disk folder") from None
-            raise PLDRError(f"cannot read {src.spec}: {msg}") from None
-        if ds.features["text"].dtype != "string":
-            raise PLDRError(f"{src.spec}: column {text_column!r} does not hold text")
-        parts.append(ds)
-    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    ds = ds.filter(lambda t: t is not None and bool(t.strip()), input_columns="text")
-    if len(ds) == 0:
-        raise PLDRError(f"no text found in {', '.join(s.spec for s in sources)} (empty corpus)")
-    return ds
 
 
 def _training_lines(ds, limit: int) -> Iterator[str]:
@@ -253,8 +127,8 @@ def split_rows(flat_file: Path, out_dir: Path, dtype: np.dtype, seq_len: int, va
 
 def tokenize_corpus(inputs: list[str], out: str | Path, *, vocab_size: int = 32000,
                     tokenizer: str | Path | None = None, seq_len: int = 1024, val_fraction: float = 0.01,
-                    text_column: str = "text", progress: Progress = _no_progress,
-                    max_training_lines: int = 2_000_000) -> dict:
+                    text_column: str = "text", encoding: str = "utf-8", encoding_errors: str = "strict",
+                    progress: Progress = _no_progress, max_training_lines: int = 2_000_000) -> dict:
     """Read INPUTs, train (or load) the tokenizer, encode, pack and write the token data folder.
 
     The folder is written atomically; on any error nothing is left at ``out``. Returns meta.json.
@@ -269,6 +143,10 @@ def tokenize_corpus(inputs: list[str], out: str | Path, *, vocab_size: int = 320
     if tokenizer is not None:
         Tokenizer(tokenizer)  # fails early on a bad model
     sources = resolve_inputs(list(inputs))
+    check_codec(encoding, encoding_errors)
+    if encoding_errors == "strict":
+        for file in (f for src in sources if src.kind in ("text", "json") for f in src.files):
+            check_decodes(file, encoding)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PLDRError(f"--out {out} exists and is not a folder")
@@ -276,7 +154,8 @@ def tokenize_corpus(inputs: list[str], out: str | Path, *, vocab_size: int = 320
     with atomic_dir(out) as tmp:
         work = tmp / ".work"
         work.mkdir()
-        ds = load_documents(sources, text_column=text_column, cache_dir=work / "cache")
+        ds = load_documents(sources, text_column=text_column, cache_dir=work / "cache", encoding=encoding,
+                            encoding_errors=encoding_errors)
         progress("read", len(ds), len(ds))
         if tokenizer is None:
             progress("train tokenizer", 0, None)
@@ -302,6 +181,7 @@ def tokenize_corpus(inputs: list[str], out: str | Path, *, vocab_size: int = 320
                           "eos_id": tok.eos_id, "pad_id": tok.pad_id},
             "source": [s.spec for s in sources],
             "text_column": text_column,
+            "encoding": {"name": encoding, "errors": encoding_errors},
             "documents": docs,
             "characters": chars,
             "seq_len": seq_len,

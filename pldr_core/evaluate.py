@@ -140,9 +140,6 @@ def _quiet_logs(debug: bool) -> None:
 def load_tasks(names: list[str], task_manager) -> tuple[list, dict[str, str]]:
     """Load each task once (so one missing data set does not stop the rest): the task objects for
     lm-eval, and name -> reason for those that failed. An unknown name is a PLDRError."""
-    for name in names:
-        if name.endswith((".yaml", ".yml")) and not Path(name).is_file():
-            raise PLDRError(f"task file not found: {name}")
     known = set(task_manager.all_tasks)
     for name in names:
         if name not in known and not Path(name).is_file():
@@ -184,6 +181,9 @@ def run_eval(model_path: str | Path, tasks: str | list[str], *, gcache: str | Pa
     if gcache is not None and compare_gcache is not None:
         raise PLDRError("--gcache and --compare-gcache exclude each other (compare scores both ways)")
     names = expand_tasks(tasks)
+    for name in names:  # before lm-eval indexes its task registry (slow)
+        if name.endswith((".yaml", ".yml")) and not Path(name).is_file():
+            raise PLDRError(f"task file not found: {name}")
     detect_layout(model_path)
     tok = find_tokenizer(model_path, missing=EVAL_NEEDS_ONE)
     for f in (gcache, compare_gcache):

@@ -22,6 +22,13 @@ def _publish_mode(tmp, is_dir: bool = False) -> None:
     os.chmod(tmp, (0o777 if is_dir else 0o666) & ~_umask())
 
 
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise PLDRError(f"cannot write {path}: a file stands where a folder of its path should be") from None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
@@ -37,7 +44,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_path(path: Path):
     """Yield a temporary sibling path to write a file to; rename it onto ``path`` on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -54,7 +61,7 @@ def atomic_path(path: Path):
 def atomic_dir(path: Path):
     """Yield a temporary sibling folder; on success it replaces ``path`` (old contents removed)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp

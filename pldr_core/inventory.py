@@ -6,16 +6,16 @@ from pathlib import Path
 
 import torch
 
-from pldr_core.checkpoint import detect_layout, load_config, read_meta
-from pldr_core.config import GMode, preset as make_preset
+from pldr_core.checkpoint import detect_layout, load_config, read_meta, weights_problems
+from pldr_core.config import GMode
+from pldr_core.config import preset as make_preset
+from pldr_core.errors import PLDRError
 from pldr_core.model import PLDRModel
 from pldr_core.tokenizer import TOKENIZER_FILE
 
 
 def count_params(config) -> tuple[int, int]:
     """(total, metric path) parameter counts of a config, built on the meta device (no memory)."""
-
-
     with torch.device("meta"):
         model = PLDRModel(config) if config.g_mode is not GMode.RANDOM else PLDRModel(config.replace(g_mode=GMode.FIXED))
     return model.num_params(), model.num_params(metric_only=True)
@@ -30,6 +30,10 @@ def describe(*, model: str | Path | None = None, preset: str | None = None, g_mo
         path = Path(model)
         layout = detect_layout(path)
         config = load_config(path)
+        problems = weights_problems(path, config) if path.is_dir() else []
+        if problems:
+            more = f" (and {len(problems) - 1} more: `pldr doctor {path}` lists them)" if len(problems) > 1 else ""
+            raise PLDRError(problems[0] + more)
         source = str(path)
         files = ({p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
                  if path.is_dir() else {path.name: path.stat().st_size})

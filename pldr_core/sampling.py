@@ -54,8 +54,8 @@ class Sampler:
 
     def __init__(self, *, temperature: float = 0.8, top_k: int | None = 50, top_p: float = 1.0,
                  greedy: bool = False, seed: int | None = None):
-        if temperature < 0:
-            raise PLDRError(f"--temperature must be >= 0, got {temperature}")
+        if not 0 <= temperature < float("inf"):
+            raise PLDRError(f"--temperature must be a finite number >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise PLDRError(f"--top-k must be >= 1, got {top_k}")
         if not 0.0 < top_p <= 1.0:

@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("PLDR_GOLDEN", REPO.parent / "shared" / "golden" / "reference-tiny"))
+# The golden vectors ship with the tests; PLDR_GOLDEN points the golden tests at another copy.
+GOLDEN = Path(os.environ.get("PLDR_GOLDEN", REPO / "tests" / "data" / "golden" / "reference-tiny"))
 
 
 def load_script(name: str):
@@ -32,7 +33,7 @@ def load_script(name: str):
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     assert (GOLDEN / "expected.safetensors").is_file(), (
-        f"golden vectors not found at {GOLDEN}; set PLDR_GOLDEN to shared/golden/reference-tiny")
+        f"golden vectors not found at {GOLDEN}; unset PLDR_GOLDEN or point it at a reference-tiny folder")
     return GOLDEN
 
 
@@ -87,3 +88,44 @@ def spm_model(tmp_path_factory) -> Path:
     lines = [" ".join(rng.choice(words) for _ in range(12)) + f" {i}." for i in range(3000)]
     out = tmp_path_factory.mktemp("spm") / "tok"
     return train_tokenizer(lines, out, vocab_size=400)
+
+
+def cli(*args):
+    """Run ``pldr ARGS...`` in-process; the typer Result."""
+    from typer.testing import CliRunner
+
+    from pldr_cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, spm_model) -> Path:
+    """A tiny model directory (learned G) with the spm_model tokenizer."""
+    out = tmp_path_factory.mktemp("tiny-model") / "m"
+    r = cli("init", "--preset", "tiny", "--out", out, "--tokenizer", spm_model, "--seed", 0)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gcache(tmp_path_factory, tiny_model_dir) -> Path:
+    """A G-cache of tiny_model_dir (the EOS prompt)."""
+    out = tmp_path_factory.mktemp("tiny-gcache") / "g.safetensors"
+    r = cli("export-gcache", tiny_model_dir, "--out", out, "--tokens", "3")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory, spm_model) -> Path:
+    """A token data folder (seq_len 32) encoded with spm_model."""
+    root = tmp_path_factory.mktemp("token-data")
+    rng = __import__("random").Random(1)
+    words = "the metric tensor of power law graph attention learns a curvature from every prompt".split()
+    (root / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60))
+                                                 for _ in range(80)))
+    r = cli("tokenize", root / "corpus.txt", "--out", root / "data", "--tokenizer", spm_model, "--seq-len", 32,
+            "--val-fraction", 0.1)
+    assert r.exit_code == 0, r.output
+    return root / "data"

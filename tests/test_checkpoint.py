@@ -99,7 +99,8 @@ def test_config_json_round_trip_and_defaults(tmp_path):
     cfg = preset("small", g_mode="random", dag=(0.1, 0.0, 0.2), rope_style="half")
     cfg.to_json(tmp_path / "c.json")
     assert PLDRConfig.from_json(tmp_path / "c.json") == cfg
-    old = {"vocab_size": 100, "num_layers": 1, "d_model": 16, "num_heads": 2}  # an older, shorter config
+    old = {"vocab_size": 100, "num_layers": 1, "d_model": 16, "num_heads": 2, "A_dff": 8, "num_reslayerA": 1,
+           "num_denseA": 1, "max_seq_len": 32}  # an older config: shape only
     cfg2 = PLDRConfig.from_dict(old)
     assert cfg2.g_mode == "learned" and cfg2.dff == 42 and cfg2.head_dim == 8
 
@@ -112,7 +113,8 @@ def test_config_json_round_trip_and_defaults(tmp_path):
 ])
 def test_config_validation(bad, match):
     with pytest.raises(PLDRError, match=match):
-        PLDRConfig.from_dict({"vocab_size": 10, "d_model": 32, "num_heads": 2, **bad})
+        PLDRConfig.from_dict({**preset("tiny").to_dict(), "vocab_size": 10, "d_model": 32, "num_heads": 2,
+                              **bad})
 
 
 def test_corrupt_and_mismatched_weights_are_user_errors(tmp_path):

@@ -157,3 +157,65 @@ def test_row_sampler_is_a_pure_function_of_position():
     again = RowSampler(split, 8, seed=3)
     assert np.array_equal(again.batch(13, 4), s.batch(13, 4))
     assert not np.array_equal(RowSampler(split, 8, seed=4).batch(0, 9), first_epoch)
+
+
+def _latin1_corpus(tmp_path):
+    """A Latin-1 text (as many public-domain e-texts are): valid UTF-8 up to line 31, then 0xe9."""
+    docs = _docs(40, seed=3)
+    docs[30] = "the café of the whale " + docs[30]
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("\n".join(docs).encode("latin-1"))
+    return path, docs
+
+
+def test_tokenize_names_the_file_byte_and_line_of_invalid_utf8(tmp_path, spm_model):
+    path, docs = _latin1_corpus(tmp_path)
+    offset = len("\n".join(docs[:30]).encode()) + 1 + len("the caf")
+    r = _run("tokenize", path, "--out", tmp_path / "out", "--tokenizer", spm_model)
+    assert r.exit_code == 2, r.output
+    (line,) = r.output.strip().splitlines()
+    assert str(path) in line and "not valid utf-8" in line and "0xe9" in line
+    assert f"offset {offset:,}" in line and "line 31" in line
+    assert "--encoding latin-1" in line and "--errors replace" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.txt"]
+
+
+def test_tokenize_decodes_with_the_given_encoding(tmp_path, spm_model):
+    from pldr_core.data import TokenData
+    from pldr_core.tokenizer import Tokenizer
+
+    path, docs = _latin1_corpus(tmp_path)
+    r = _run("tokenize", path, "--out", tmp_path / "out", "--tokenizer", spm_model, "--encoding", "latin-1",
+             "--seq-len", 32, "--json")
+    assert r.exit_code == 0, r.output
+    meta = json.loads(r.stdout)
+    assert meta["encoding"] == {"name": "latin-1", "errors": "strict"}
+    assert meta["characters"] == len("\n".join(docs))  # é read as one character, not replaced
+    data = TokenData(tmp_path / "out")
+    text = Tokenizer(data.tokenizer_path).decode(np.concatenate([data.train.reshape(-1), data.val.reshape(-1)]))
+    assert "\ufffd" not in text
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_tokenize_errors_replace_reads_invalid_bytes(tmp_path, spm_model, suffix):
+    docs = _docs(40, seed=4)
+    if suffix == ".txt":
+        raw = "\n".join(docs).encode() + b"\nbad \xff byte\n"
+    else:
+        raw = b"".join(json.dumps({"text": d}).encode() + b"\n" for d in docs) + b'{"text": "bad \xff byte"}\n'
+    path = tmp_path / f"c{suffix}"
+    path.write_bytes(raw)
+    assert _run("tokenize", path, "--out", tmp_path / "o1", "--tokenizer", spm_model).exit_code == 2
+    r = _run("tokenize", path, "--out", tmp_path / "o2", "--tokenizer", spm_model, "--errors", "replace",
+             "--seq-len", 32, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["documents"] == (1 if suffix == ".txt" else 41)
+
+
+@pytest.mark.parametrize("args,needle", [(["--encoding", "klingon"], "--encoding 'klingon'"),
+                                         (["--errors", "maybe"], "--errors 'maybe'")])
+def test_tokenize_bad_encoding_options(tmp_path, spm_model, args, needle):
+    (tmp_path / "a.txt").write_text("the whale. " * 200)
+    r = _run("tokenize", tmp_path / "a.txt", "--out", tmp_path / "out", "--tokenizer", spm_model, *args)
+    assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

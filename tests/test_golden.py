@@ -1,4 +1,4 @@
-"""The maths pinned to float64 outputs of the paper's reference code (shared/golden/reference-tiny)."""
+"""The maths pinned to float64 outputs of the paper's reference code (tests/data/golden/reference-tiny)."""
 
 import pytest
 import torch

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pldr_cli._common import console, handle_errors
+from pldr_cli._common import console, fail, handle_errors
 
 EPILOG = """Examples:
 
@@ -35,6 +35,8 @@ def init(
 ) -> None:
     from pldr_core.build import init_model_dir
 
+    if out.exists() and not out.is_dir():
+        raise fail(f"--out {out} exists and is not a folder")
     path, model = init_model_dir(preset=preset, out=out, g_mode=g_mode, g_file=g_file,
                                  tokenizer=tokenizer, vocab_size=vocab_size, seed=seed)
     console().print(f"wrote [bold]{path}[/] ({model.config.name}, g_mode {model.config.g_mode}, "

@@ -16,6 +16,8 @@ EPILOG = """Examples:
 
   pldr tokenize corpus.jsonl --text-column body --out data/tok
 
+  pldr tokenize shakespeare.txt --encoding latin-1 --out data/tok
+
   pldr tokenize saved_dataset/ --tokenizer data/tok/tokenizer.model --out data/tok2
 
   pldr tokenize hf:roneneldan/TinyStories --out data/stories     (needs the hub)
@@ -67,6 +69,10 @@ def tokenize(
     seq_len: int = typer.Option(1024, "--seq-len", help="Tokens per stored row."),
     val_fraction: float = typer.Option(0.01, "--val-fraction", help="Share of rows kept for validation."),
     text_column: str = typer.Option("text", "--text-column", help="Text column of table inputs."),
+    encoding: str = typer.Option("utf-8", "--encoding", help="Encoding of .txt/.jsonl/.json inputs, e.g. "
+                                 "latin-1 for many older public-domain texts."),
+    errors: str = typer.Option("strict", "--errors", help="Bytes the encoding cannot decode: strict (stop "
+                               "and say where), replace (with U+FFFD) or ignore (drop them)."),
     json_out: bool = typer.Option(False, "--json", help="Print meta.json to stdout."),
 ) -> None:
     import time
@@ -77,7 +83,7 @@ def tokenize(
     with _Bars() as bars:
         meta = tokenize_corpus(inputs or [], out, vocab_size=vocab_size, tokenizer=tokenizer,
                                seq_len=seq_len, val_fraction=val_fraction, text_column=text_column,
-                               progress=bars)
+                               encoding=encoding, encoding_errors=errors, progress=bars)
     if json_out:
         print_json(meta)
         return
