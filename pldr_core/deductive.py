@@ -24,11 +24,17 @@ import torch
 from pldr_core.attention import LayerDeductive
 from pldr_core.cache import GCache, KVCache
 from pldr_core.config import GMode
-from pldr_core.deductive_stats import agreement, dag_per_head, equal_decimals, matrix_stats, rmse_across
+from pldr_core.dag import dag_loss_term
+from pldr_core.deductive_stats import (
+    agreement,
+    dag_per_head,
+    equal_decimals,
+    matrix_stats,
+    rmse_across,
+)
 from pldr_core.errors import PLDRError
 from pldr_core.files import read_text_lines
 from pldr_core.generate import decode_steps
-from pldr_core.training.losses import dag_loss_term
 
 STAT_TENSORS = ("A_LM", "A_P", "G_LM")
 """The deductive outputs the statistics are computed for (A is dumped, not summarised)."""

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from pldr_core.model import dag_loss_term
+from pldr_core.dag import dag_loss_term
 
 
 def matrix_stats(X: torch.Tensor) -> dict[str, torch.Tensor]:

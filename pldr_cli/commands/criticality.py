@@ -61,10 +61,9 @@ def criticality(
         raise fail(f"--json {json_out} is a folder; give a file path")
     if plots is not None and plots.exists() and not plots.is_dir():
         raise fail(f"--plots {plots} exists and is not a folder")
-    from pldr_core.tokenizer import Tokenizer, model_tokenizer_path
+    from pldr_core.prompts import find_tokenizer
 
-    tok_file = model_tokenizer_path(model)
-    tokenizer = Tokenizer(tok_file) if tok_file.is_file() and data is None else None
+    tokenizer = None if data is not None else find_tokenizer(model, required=False)
     prompts, protocol.source = lib.collect_prompts(samples=samples, seed=seed, tokenizer=tokenizer,
                                                    prompts_file=prompts_file, data_dir=data)
 

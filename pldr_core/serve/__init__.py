@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pldr_core.errors import PLDRError
-from pldr_core.generate import find_tokenizer, load_for_generation
+from pldr_core.prompts import find_tokenizer, load_for_generation
 from pldr_core.serve.scheduler import EagerStep, Scheduler
 
 

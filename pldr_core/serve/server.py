@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pldr_core.generate import encode_prompt
+from pldr_core.prompts import encode_prompt
 from pldr_core.sampling import Sampler
 from pldr_core.serve.scheduler import Event, Job, Scheduler
 
