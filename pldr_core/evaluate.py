@@ -30,7 +30,7 @@ from pldr_core.evaluation.harness import EVAL_NEEDS_ONE, PLDRLM, Progress, parse
 from pldr_core.files import atomic_write_text
 from pldr_core.gcache import read_gcache
 from pldr_core.prompts import find_tokenizer
-from pldr_core.tasks import expand_tasks, plan_tasks
+from pldr_core.tasks import avg0, expand_tasks, plan_tasks
 
 __all__ = ["PLDRLM", "EvalReport", "Progress", "results_json", "run_eval", "score_rows", "score_windows"]
 
@@ -48,6 +48,11 @@ class EvalReport:
     offline: bool
     data_dir: str | None
     wall_s: float
+
+    @property
+    def avg0(self) -> dict | None:
+        """The criticality paper's Avg0 of this run (``tasks.avg0``), when all six of its tasks ran."""
+        return avg0(self.results)
 
     def rows(self) -> list[dict]:
         """``score_rows`` of the run; with a comparison each row also holds ``gcache_value``,

@@ -78,7 +78,7 @@ def _fmt(x: float | None) -> str:
 def eval_cmd(
     model: Path = typer.Argument(..., help="Model directory (with tokenizer.model)."),
     tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated lm-eval task names, task YAML "
-                              "files, or pldr_zeroshot."),
+                              "files, pldr_zeroshot, or pldr_avg0 (the criticality paper's six tasks)."),
     gcache: Path = typer.Option(None, "--gcache", help="G-cache file: the metric path never runs and "
                                 "requests batch freely."),
     force: bool = typer.Option(False, "--force", help="Accept a G-cache made from another model of the "
@@ -116,7 +116,7 @@ def eval_cmd(
                           debug=STATE["debug"], output=output)
     rows = report.rows()
     if as_json:
-        print_json({"rows": rows, "skipped": report.skipped, "offline": report.offline,
+        print_json({"rows": rows, "avg0": report.avg0, "skipped": report.skipped, "offline": report.offline,
                     "wall_s": round(report.wall_s, 3), "output": str(output) if output else None})
         return
 
@@ -143,6 +143,9 @@ def eval_cmd(
         table.add_row(name, "skipped", "", "", *([""] if report.compare is not None else []),
                       style="dim")
     con.print(table)
+    if report.avg0 is not None:
+        parts = ", ".join(f"{t} {v['metric']} {v['value']:.2f}" for t, v in report.avg0["tasks"].items())
+        con.print(f"Avg0 (the criticality paper's average of six tasks): {report.avg0['average']:.2f}  ({parts})")
     if report.skipped:
         for name, why in report.skipped.items():
             con.print(f"[dim]skipped {name}: {why}[/]")
