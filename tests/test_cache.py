@@ -1,4 +1,4 @@
-"""Cache semantics of SPEC section 2 on a tiny model (the golden tests pin them to the reference too)."""
+"""Cache semantics (docs/caches.md) on a tiny model (the golden tests pin them to the reference too)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""G-cache export (SPEC sections 3 and 5): file contents, reductions, the spread report, the reader's
+"""G-cache export: file contents, reductions, the spread report, the reader's
 checks, and the `pldr export-gcache` contract."""
 
 import json

@@ -1,4 +1,4 @@
-"""Generation (SPEC section 2): cache equalities, no-cache semantics, batching, sampling, the CLI."""
+"""Generation: cache equalities, no-cache semantics, batching, sampling, the CLI."""
 
 import json
 
@@ -91,7 +91,7 @@ def test_gcache_file_never_runs_metric_path(model, monkeypatch):
 
 @pytest.mark.parametrize("g", [False, True])
 def test_no_kv_decoding_reruns_the_whole_text(model, g):
-    """SPEC 2: without the KV-cache every step reruns the whole text; without any cache A comes from
+    """Without the KV-cache every step reruns the whole text; without any cache A comes from
     the whole current text, with the G-cache the prompt's G_LM is reused."""
     prompt = PROMPTS[0]
     toks, logits = collect(model, [prompt], 8, kv_cache=False, g_cache=g)

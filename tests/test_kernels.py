@@ -253,7 +253,7 @@ def test_triton_kernels_compile_for_hopper_within_shared_memory():
     assert proc.returncode == 0, proc.stderr[-2000:]
     shared = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(shared) == 13
-    hopper_max = 227 * 1024  # opt-in shared memory per block on H100/H200
+    hopper_max = 227 * 1024  # opt-in shared memory per block on Hopper GPUs
     assert all(0 < v <= hopper_max for v in shared.values()), shared
 
 
