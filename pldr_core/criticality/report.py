@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pldr_core.corpus import iter_embedded_documents
 from pldr_core.criticality.measure import CriticalityResult, finite
+from pldr_core.data import TokenData
 from pldr_core.errors import PLDRError
-from pldr_core.files import atomic_path, atomic_write_text
+from pldr_core.files import atomic_path, atomic_write_text, read_text_lines
 
 NEAR_CRITICAL_MAX = 2.2e-2
 """The largest OP(G_LM) among the paper's near-critical 110M models."""
@@ -23,14 +25,12 @@ def collect_prompts(*, samples: int, seed: int = 0, tokenizer=None, prompts_file
     """(prompt ids, a description of their source): ``samples`` lines of ``prompts_file``, ``samples``
     seeded rows of a token data folder (val split, else train), or by default ``samples`` seeded
     documents of the embedded corpus. Text needs ``tokenizer``."""
-    from pldr_core.files import read_text_lines
 
     if samples < 1:
         raise PLDRError(f"--samples must be at least 1, got {samples}")
     if prompts_file is not None and data_dir is not None:
         raise PLDRError("give --prompts-file or --data, not both")
     if data_dir is not None:
-        from pldr_core.data import TokenData
 
         data = TokenData(data_dir)
         split, name = (data.val, "val") if data.val.shape[0] else (data.train, "train")
@@ -48,7 +48,6 @@ def collect_prompts(*, samples: int, seed: int = 0, tokenizer=None, prompts_file
             raise PLDRError(f"prompts file {prompts_file} holds no prompts (one per line)")
         texts, source = texts[:samples], str(prompts_file)
     else:
-        from pldr_core.corpus import iter_embedded_documents
 
         docs = [d["text"] for d in iter_embedded_documents() if d.get("text", "").strip()]
         pick = np.random.default_rng(seed).choice(len(docs), size=min(samples, len(docs)), replace=False)

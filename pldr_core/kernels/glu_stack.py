@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 
@@ -103,11 +104,9 @@ def _operands(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, precision: s
 def _kernel(name: str, device: torch.device, n: int, precision: str):
     """(kernel, rows per program, hidden chunk width, launch options) for ``device`` (CPU tensors need
     the interpreter)."""
-    import os
-
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the Triton GLU-stack kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
-    from pldr_core.kernels import _glu_triton as k
+    from pldr_core.kernels import _glu_triton as k  # imports triton: only where a kernel runs
 
     options = dict(tuning(precision)[name])
     options.pop("BM")
