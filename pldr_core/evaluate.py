@@ -201,6 +201,10 @@ def run_eval(model_path: str | Path, tasks: str | list[str], *, gcache: str | Pa
     _quiet_logs(debug)
 
     t0 = time.perf_counter()
+    # The model and its G-caches first: a bad one is the only line the user sees.
+    model = load_model(model_path, device=dev, dtype=torch.float32)
+    g_main = read_gcache(gcache, model, force=force) if gcache is not None else None
+    g_cmp = read_gcache(compare_gcache, model, force=force) if compare_gcache is not None else None
     with tempfile.TemporaryDirectory(prefix="pldr-eval-") as work:
         plan = plan_tasks(names, work_dir=work, data_dir=data_dir, offline=offline)
         with _offline_env(plan.offline):
@@ -216,9 +220,6 @@ def run_eval(model_path: str | Path, tasks: str | list[str], *, gcache: str | Pa
             if on_plan is not None:
                 on_plan(ran, skipped, plan)
 
-            model = load_model(model_path, device=dev, dtype=torch.float32)
-            g_main = read_gcache(gcache, model, force=force) if gcache is not None else None
-            g_cmp = read_gcache(compare_gcache, model, force=force) if compare_gcache is not None else None
             lm = PLDRLM(model=model, tokenizer=tok, gcache=g_main, batch_size=batch_size,
                         progress=progress)
 

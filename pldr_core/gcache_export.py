@@ -43,6 +43,10 @@ def export_gcache_file(model_path: str | Path, out: str | Path, *, texts: list[s
         labels.append(f"tokens:{spec}")
     if not ids:
         ids, labels = [[config.eos_id]], [""]
+    for label, p in zip(labels, ids):
+        if len(p) > config.max_seq_len:
+            raise PLDRError(f"prompt {label[:40]!r} has {len(p)} tokens, more than the model's context of "
+                            f"{config.max_seq_len}; shorten it")
     model = load_model(model_path, device=resolve_device(device))
     data = export_gcache(model, ids, out, reduce=reduce, labels=labels).summary()
     data["prompt_tokens"] = [len(p) for p in ids]

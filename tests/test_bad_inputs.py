@@ -81,11 +81,6 @@ class Workspace:
         return self.file(name, "the whale sailed the grey sea. " * 400)
 
 
-def xf(case, reason: str):
-    """A case that fails today for a reason outside this module's commands (strict: fixing it shows)."""
-    return pytest.param(*case, id=case[0], marks=pytest.mark.xfail(strict=True, reason=reason))
-
-
 # (id, build(w) -> (args, needle)); needle must appear in the one output line.
 INIT = [
     ("init-preset", lambda w: (["init", "--preset", "huge", "--out", w.out], "huge")),
@@ -198,7 +193,6 @@ TOKENIZE = [
 ]
 
 _TRAIN = ["pretrain", "--steps", 1, "--eval-batches", 1, "--batch-size", 2, "--device", "cpu", "--no-compile"]
-_B = "task B owns pretrain's numeric validation"
 PRETRAIN = [
     ("pre-data-missing", lambda w: ([*_TRAIN, "--data", w.tmp / "nod", "--out", w.out], "nod")),
     ("pre-data-not-folder", lambda w: ([*_TRAIN, "--data", w.text(), "--out", w.out], "corpus.txt")),
@@ -230,10 +224,10 @@ PRETRAIN = [
     ("pre-warmup-neg", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.out, "--warmup", -1], "--warmup")),
     ("pre-g-file-shape", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.out, "--g-mode", "fixed", "--g-file",
                                      w.gcache_of_shape(3, 2, 16)], "other.safetensors")),
-    xf(("pre-vocab-below-data", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.out, "--config",
-                                         w.file("c.json", json.dumps({**json.loads((w.model / "config.json")
-                                                                                   .read_text()), "vocab_size": 50}))],
-                                        "vocab")), _B),
+    ("pre-vocab-below-data", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.out, "--config",
+                                      w.file("c.json", json.dumps({**json.loads((w.model / "config.json")
+                                                                                .read_text()), "vocab_size": 50}))],
+                                     "vocab")),
 ]
 
 _GC = lambda w, *extra: ["export-gcache", w.model, "--out", w.tmp / "g.safetensors", *extra]  # noqa: E731
@@ -245,8 +239,7 @@ EXPORT = [
     ("gc-tokens-range", lambda w: (_GC(w, "--tokens", "99999"), "99999")),
     ("gc-tokens-neg", lambda w: (_GC(w, "--tokens", "-1"), "-1")),
     ("gc-tokens-empty", lambda w: (_GC(w, "--tokens", ""), "--tokens")),
-    xf(("gc-tokens-long", lambda w: (_GC(w, "--tokens", ",".join(["5"] * 500)), "500")),
-       "task C: export-gcache runs a prompt longer than the model's context"),
+    ("gc-tokens-long", lambda w: (_GC(w, "--tokens", ",".join(["5"] * 500)), "500")),
     ("gc-reduce", lambda w: (_GC(w, "--reduce", "banana"), "banana")),
     ("gc-prompts-missing", lambda w: (_GC(w, "--prompts-file", w.tmp / "p.txt"), "p.txt")),
     ("gc-prompts-empty", lambda w: (_GC(w, "--prompts-file", w.file("p.txt")), "p.txt")),
@@ -292,13 +285,12 @@ GENERATE = [
     ("gen-top-k-big-ok-but-n-huge", lambda w: (_GEN(w, "-n", 10**9), "--max-new-tokens")),
 ]
 
-_C_EVAL = "task C: eval prints its task list before it loads the model and G-cache (two lines)"
 TINY_TASK = Path(__file__).resolve().parent / "data" / "tiny_mc.yaml"
 _EV = lambda w, *extra: ["eval", w.model, "--tasks", TINY_TASK, "--device", "cpu", *extra]  # noqa: E731
 EVAL = [
     ("eval-model-missing", lambda w: (["eval", w.tmp / "nope", "--tasks", "pldr_zeroshot"], "nope")),
-    xf(("eval-model-truncated", lambda w: (["eval", w.model_with_weights(truncate=64), "--tasks", TINY_TASK],
-                                           "model.safetensors")), _C_EVAL),
+    ("eval-model-truncated", lambda w: (["eval", w.model_with_weights(truncate=64), "--tasks", TINY_TASK],
+                                        "model.safetensors")),
     ("eval-task-yaml-missing", lambda w: (["eval", w.model, "--tasks", w.tmp / "t.yaml", "--device", "cpu"],
                                           "t.yaml")),
     ("eval-tasks-empty", lambda w: (["eval", w.model, "--tasks", "", "--device", "cpu"], "--tasks")),
@@ -306,9 +298,9 @@ EVAL = [
     ("eval-limit-0", lambda w: (_EV(w, "--limit", 0), "--limit")),
     ("eval-limit-neg", lambda w: (_EV(w, "--limit", -1), "--limit")),
     ("eval-gcache-missing", lambda w: (_EV(w, "--gcache", w.tmp / "g.safetensors"), "g.safetensors")),
-    xf(("eval-gcache-png", lambda w: (_EV(w, "--gcache", w.png("g.safetensors")), "g.safetensors")), _C_EVAL),
-    xf(("eval-compare-shape", lambda w: (_EV(w, "--compare-gcache", w.gcache_of_shape(3, 2, 16)),
-                                         "other.safetensors")), _C_EVAL),
+    ("eval-gcache-png", lambda w: (_EV(w, "--gcache", w.png("g.safetensors")), "g.safetensors")),
+    ("eval-compare-shape", lambda w: (_EV(w, "--compare-gcache", w.gcache_of_shape(3, 2, 16)),
+                                      "other.safetensors")),
     ("eval-data-dir-missing", lambda w: (_EV(w, "--data-dir", w.tmp / "olmo"), "olmo")),
     ("eval-device", lambda w: (["eval", w.model, "--tasks", "pldr_zeroshot", "--device", "banana"], "banana")),
     ("eval-batch-neg", lambda w: (_EV(w, "--batch-size", -1), "batch size")),

@@ -94,7 +94,11 @@ def resolve_run(args: TrainArgs, data: TokenData) -> tuple[PLDRConfig, dict]:
     if args.dag is not None:
         overrides["dag"] = tuple(args.dag)
     if args.config_file:
-        config = PLDRConfig.from_json(args.config_file).replace(**overrides)
+        config = PLDRConfig.from_json(args.config_file)
+        if config.vocab_size < data.vocab_size:
+            raise PLDRError(f"--config {args.config_file}: vocab_size {config.vocab_size} is smaller than the "
+                            f"token data's vocabulary ({data.vocab_size}); raise it or retokenize")
+        config = config.replace(**overrides)
     else:
         config = make_preset(args.preset, **overrides)
     seq_len = args.seq_len or config.max_seq_len
