@@ -45,6 +45,14 @@ def _parse_dag(text: str | None):
     return values
 
 
+def _op(rec: dict) -> str:
+    """The criticality probe's OP(G_LM) for a progress line ('' on steps without a probe)."""
+    if "crit_op_G_LM" not in rec:
+        return ""
+    value = rec["crit_op_G_LM"]
+    return " OP(G_LM) " + ("n/a" if value is None else f"{value:.4f}")
+
+
 class _Display(LiveDisplay):
     """Rank 0: a rich progress line in a terminal, plain lines otherwise."""
 
@@ -70,17 +78,19 @@ class _Display(LiveDisplay):
     def log(self, rec: dict) -> None:
         self._announce()
         if "loss" not in rec:
-            self.con.print(f"step {rec['step']}: val_loss {rec['val_loss']:.4f}")
+            self.con.print(f"step {rec['step']}: val_loss {rec['val_loss']:.4f}{_op(rec)}")
             return
         info = (f"loss {rec['loss']:.4f} acc {rec['acc']:.3f} lr {rec['lr']:.2e} "
                 f"|g| {rec['grad_norm']:.2f} {rec['tokens_per_s']:,.0f} tok/s")
         if "val_loss" in rec:
             info += f" val {rec['val_loss']:.4f}"
+        info += _op(rec)
         if self.rich:
             self.progress.update(self.task, completed=rec["step"], info=info)
             if "val_loss" in rec:
                 self.progress.console.print(f"step {rec['step']}: {info}")
-        elif rec["step"] % self.every == 0 or "val_loss" in rec or rec["step"] == self.steps:
+        elif (rec["step"] % self.every == 0 or rec["step"] == self.steps
+              or {"val_loss", "crit_op_G_LM"} & set(rec)):
             typer.echo(f"step {rec['step']}/{self.steps}: {info}")
 
     def event(self, text: str) -> None:
@@ -124,6 +134,11 @@ def pretrain(
     save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N steps (default steps/5)."),
     keep: int = typer.Option(2, "--keep", help="Step checkpoints to keep."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initialisation and the data order."),
+    criticality_every: int = typer.Option(None, "--criticality-every",
+                                          help="Criticality probe (OP(G_LM), OP(A) on 4 validation rows) "
+                                          "every N steps (default: at each validation; 0: off)."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms and "
+                                       "every generator seeded: repeated runs give bitwise equal weights."),
 ) -> None:
     from pldr_core.training import TrainArgs
     from pldr_core.training import pretrain as run_pretrain
@@ -134,7 +149,8 @@ def pretrain(
                      g_file=str(g_file) if g_file else None, dag=_parse_dag(dag), device=device,
                      compile=compile, compile_mode=compile_mode, metric_precision=metric_precision,
                      resume=resume, eval_every=eval_every, eval_batches=eval_batches,
-                     save_every=save_every, keep=keep, seed=seed)
+                     save_every=save_every, keep=keep, seed=seed, criticality_every=criticality_every,
+                     deterministic=deterministic)
     main = int(os.environ.get("RANK", "0")) == 0
     note = f"pretrain {'resume ' if resume else ''}{preset if not config else config} on {data} -> {out}"
     if main:

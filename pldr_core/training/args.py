@@ -73,6 +73,12 @@ class TrainArgs:
     """Write a metrics line every N steps."""
     stop_after: int | None = None
     """Stop (with a resumable checkpoint) after this step, as an interrupt would; for tests."""
+    criticality_every: int | None = None
+    """The criticality probe (OP(G_LM), OP(A), per layer; ``training.monitor``) every N steps; default
+    at each validation; 0 turns it off."""
+    deterministic: bool = False
+    """Deterministic algorithms (cuDNN, cuBLAS too) and every generator seeded: repeated runs are
+    bitwise equal, at some speed on CUDA."""
 
     def validate(self) -> None:
         """PLDRError naming the first option out of range (NaN, infinite, negative, zero where it
@@ -82,8 +88,9 @@ class TrainArgs:
         for name in ("seq_len", "eval_every", "save_every", "stop_after"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
-        if self.warmup is not None:
-            _check_int("warmup", self.warmup, 0)
+        for name in ("warmup", "criticality_every"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 0)
         _check_int("seed", self.seed, 0)
         if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
             raise _bad("lr", "a positive finite number", self.lr)
@@ -123,6 +130,8 @@ class TrainResult:
     first_val_loss: float | None = None
     val_loss: float | None = None
     elapsed_s: float = 0.0
+    spikes: int = 0
+    """Loss spikes flagged over the whole run (a resumed run counts those before the resume too)."""
 
 
 def _finite(value) -> bool:

@@ -123,8 +123,9 @@ class CheckpointManager:
 
     # ---- saving ----------------------------------------------------------------------------------
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, *,
-             identity: dict, args: dict, last: dict, meta: dict) -> Path:
-        """Write RUN/step-XXXXXXXX/ for ``state.step`` and delete all but the newest ``keep``."""
+             identity: dict, args: dict, last: dict, meta: dict, monitor: dict | None = None) -> Path:
+        """Write RUN/step-XXXXXXXX/ for ``state.step`` and delete all but the newest ``keep``;
+        ``monitor`` (the spike detector's state) goes into trainer_state.json."""
         msd = parallel.full_model_state(model)
         osd = parallel.full_optimizer_state(model, optimizer)
         path = self.run / f"step-{state.step:08d}"
@@ -136,7 +137,7 @@ class CheckpointManager:
             trainer_state = {"step": state.step, "samples_seen": state.samples_seen,
                              "tokens_seen": state.tokens_seen, "first_val_loss": state.first_val_loss,
                              "run": identity, "optimizer": info, "args": args, "last": last,
-                             "world_size": self.d.world}
+                             "world_size": self.d.world, "monitor": monitor or {}}
             extra = {OPTIM_FILE: save(tensors), RNG_FILE: save(rng),
                      STATE_FILE: (json.dumps(trainer_state, indent=2, default=str) + "\n").encode()}
             save_model(_model_from_state(unwrap(model).config, msd), path, tokenizer=self.tokenizer,
@@ -186,7 +187,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict) -> dict:
 
 
 def _trim_metrics(path: Path, keep_upto: int) -> None:
-    """Keep the metric lines of steps up to ``keep_upto``."""
+    """Keep the metric lines (step records, and spike records, which carry their step too) of steps up
+    to ``keep_upto``."""
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,13 +27,16 @@ from pldr_core import parallel
 from pldr_core.build import build_model
 from pldr_core.config import PLDRConfig
 from pldr_core.config import preset as make_preset
+from pldr_core.criticality import SpikeDetector
 from pldr_core.data import RowSampler, TokenData
 from pldr_core.errors import PLDRError
 from pldr_core.kernels import prepare_metric_path
 from pldr_core.training.args import TrainArgs, TrainResult
 from pldr_core.training.checkpointing import CheckpointManager, TrainState
 from pldr_core.training.losses import add_dag_terms, correct_tokens, dag_terms, token_cross_entropy
+from pldr_core.training.monitor import Monitor
 from pldr_core.training.optim import build_optimizer
+from pldr_core.training.runtime import Interrupt, deterministic
 from pldr_core.training.schedule import lr_at
 
 DAG_LOG_EVERY = 10
@@ -52,37 +54,14 @@ def pretrain(args: TrainArgs, *, on_log: Callable[[dict], None] | None = None,
     The args are checked first: bad values raise PLDRError before anything exists on disk."""
     args.validate()
     args = args.with_default_lr()
-    d = parallel.setup(args.device)
-    try:
-        trainer = Trainer(args, d, on_log=on_log, on_event=on_event)
-        trainer.setup()
-        return trainer.fit()
-    finally:
-        parallel.teardown(d)
-
-
-class _Interrupt:
-    """First Ctrl-C asks for a clean stop at the end of the step; a second one stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
+    with deterministic(args.deterministic, args.seed):
+        d = parallel.setup(args.device)
         try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+            trainer = Trainer(args, d, on_log=on_log, on_event=on_event)
+            trainer.setup()
+            return trainer.fit()
+        finally:
+            parallel.teardown(d)
 
 
 def resolve_run(args: TrainArgs, data: TokenData) -> tuple[PLDRConfig, dict]:
@@ -120,8 +99,9 @@ class Trainer:
     until they are known good), ``fit`` runs the steps, validations and checkpoints."""
 
     def __init__(self, args: TrainArgs, d: parallel.Dist, *, on_log: Callable[[dict], None] | None = None,
-                 on_event: Callable[[str], None] | None = None):
+                 on_event: Callable[[str], None] | None = None, spikes: SpikeDetector | None = None):
         self.args, self.d = args, d
+        self.detector = spikes  # None: the default SpikeDetector
         self.on_log = on_log or (lambda rec: None)
         self.on_event = on_event or (lambda text: None)
         self.compiled = None
@@ -140,6 +120,7 @@ class Trainer:
         if self.train_rows.num_samples == 0:
             raise PLDRError(f"{args.data} has no training rows of {self.seq_len + 1} tokens (empty data)")
         self.val_rows = RowSampler(self.data.val, self.seq_len, shuffle=False)
+        self.monitor = Monitor(args.criticality_every, d, self.val_rows, self.detector)
         self.ckpt = CheckpointManager(args.out, d, keep=args.keep, tokenizer=self.data.tokenizer_path)
         resume_from = self._resume_point()
         self.warmup = self.identity["warmup"]
@@ -147,6 +128,7 @@ class Trainer:
         model = build_model(self.config, seed=args.seed, g_file=args.g_file)
         if resume_from is not None:
             self.state = self.ckpt.load(resume_from, model)
+            self.monitor.load_state(self.ckpt.read_state(resume_from).get("monitor"))
         else:
             self.state = TrainState()
             torch.manual_seed(args.seed)
@@ -327,7 +309,8 @@ class Trainer:
     def save(self, last: dict) -> Path:
         """A resumable step checkpoint of the current state."""
         path = self.ckpt.save(self.model, self.optimizer, self.state, identity=self.identity,
-                              args=self.args.to_json(), last=last, meta=self._meta(last, "checkpoint"))
+                              args=self.args.to_json(), last=last, meta=self._meta(last, "checkpoint"),
+                              monitor=self.monitor.state())
         if self.d.is_main:
             self.on_event(f"saved {path}")
         return path
@@ -339,13 +322,28 @@ class Trainer:
                 "data": {"path": str(Path(args.data).resolve()), "source": data.meta.get("source"),
                          "tokens": data.meta.get("tokens")},
                 "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
-                "first_val_loss": self.state.first_val_loss, "train_args": args.to_json()}
+                "first_val_loss": self.state.first_val_loss, "train_args": args.to_json(),
+                **self.monitor.summary()}
 
-    def _log(self, rec: dict) -> None:
+    def _log(self, rec: dict, *, event: str | None = None) -> None:
+        """A metrics line (rank 0, while ``fit`` runs) passed to ``on_log``, or with ``event`` to
+        ``on_event`` instead."""
         if self._metrics is not None:
             self._metrics.write(json.dumps(rec) + "\n")
             self._metrics.flush()
-            self.on_log(rec)
+            if event is None:
+                self.on_log(rec)
+        if event is not None and self.d.is_main:
+            self.on_event(event)
+
+    def record_loss(self, step: int, loss: float) -> dict | None:
+        """Feed a step's loss to the spike detector; a spike is logged as its own metrics record
+        (``kind`` "spike") and returned."""
+        spike = self.monitor.spike(step, loss)
+        if spike is not None:
+            self._log(spike, event=f"loss spike at step {step}: {loss:.4f}, {spike['score']:.1f} median "
+                                   f"absolute deviations above the running median {spike['median']:.4f}")
+        return spike
 
     def fit(self) -> TrainResult:
         """Run from ``self.state`` to ``args.steps`` (or a stop request); validations, metrics lines,
@@ -360,17 +358,22 @@ class Trainer:
                 val = self.evaluate()
                 if val is not None:
                     self.state.first_val_loss = val["val_loss"]
-                    self._log({"step": 0, "tokens_seen": 0, **val})
-            with _Interrupt() as interrupt:
+                    crit = self.monitor.probe(self.model) if self.monitor.probe_due(0, True) else {}
+                    self._log({"step": 0, "tokens_seen": 0, **val, **crit})
+            with Interrupt() as interrupt:
                 while self.state.step < args.steps:
                     last = self.train_step()
                     step = self.state.step
-                    if step % self.eval_every == 0 or step == args.steps:
+                    validate = step % self.eval_every == 0 or step == args.steps
+                    if validate:
                         val = self.evaluate()
                         if val is not None:
                             last.update(val)
-                    if step % args.log_every == 0 or "val_loss" in last or step == args.steps:
+                    if self.monitor.probe_due(step, validate and val is not None):
+                        last.update(self.monitor.probe(self.model))
+                    if step % args.log_every == 0 or step == args.steps or {"val_loss", "crit_op_A"} & set(last):
                         self._log(last)
+                    self.record_loss(step, last["loss"])
                     stop = parallel.any_flag(interrupt.requested, d) or (
                         args.stop_after is not None and step >= args.stop_after)
                     if stop and step < args.steps:
@@ -389,4 +392,5 @@ class Trainer:
                 self.on_event(f"saved {final_dir}")
         return TrainResult(steps_done=self.state.step, interrupted=interrupted, final_dir=final_dir,
                            checkpoint=checkpoint, last=last, first_val_loss=self.state.first_val_loss,
-                           val_loss=(val or {}).get("val_loss"), elapsed_s=time.perf_counter() - t_start)
+                           val_loss=(val or {}).get("val_loss"), elapsed_s=time.perf_counter() - t_start,
+                           spikes=self.monitor.spikes)
