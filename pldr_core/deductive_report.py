@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pldr_core import files
 from pldr_core.checkpoint import load_config, load_model
 from pldr_core.deductive import InspectResult, collect_prompts, inspect_deductive
 from pldr_core.errors import PLDRError
-from pldr_core.files import atomic_path, atomic_write_text
+from pldr_core.files import atomic_path
 from pldr_core.gcache import read_gcache
+from pldr_core.plots import pyplot, save_png
 from pldr_core.prompts import find_tokenizer
 
 
@@ -97,20 +99,7 @@ def summary_rows(report: dict) -> list[dict]:
 
 def write_json(path: str | Path, report: dict) -> Path:
     """The report as strict JSON (atomic)."""
-    path = Path(path)
-    atomic_write_text(path, json.dumps(_finite(report), indent=1, allow_nan=False) + "\n")
-    return path
-
-
-def _finite(obj):
-    """Strict JSON: NaN and +-inf (e.g. log|det| of a singular matrix) become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+    return files.write_json(path, report)
 
 
 def write_dump(path: str | Path, result: InspectResult) -> Path:
@@ -125,14 +114,8 @@ def write_dump(path: str | Path, result: InspectResult) -> Path:
 
 def write_plots(out_dir: str | Path, result: InspectResult) -> list[Path]:
     """PNG heatmaps of G_LM (mean over prompts) per layer, one panel per head, and the RMSE across
-    prompts per layer. matplotlib (Agg) is imported here only."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise PLDRError("--plots needs matplotlib: pip install 'pldr[dev]' or pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    prompts per layer."""
+    plt = pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = result.report
@@ -154,12 +137,7 @@ def write_plots(out_dir: str | Path, result: InspectResult) -> list[Path]:
             ax.set_yticks([])
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
         fig.suptitle(f"G_LM (mean over {len(report['prompts'])} prompt(s)), g_mode {report['g_mode']}")
-        fig.tight_layout()
-        path = out_dir / f"G_LM_layer{i}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_png(fig, out_dir / f"G_LM_layer{i}.png"))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     xs = list(range(L))
     for nm in report["tensors"]:
@@ -170,10 +148,5 @@ def write_plots(out_dir: str | Path, result: InspectResult) -> list[Path]:
         ax.set_xticks(xs)
         ax.set_title(f"{title} (mean over heads)")
         ax.legend()
-    fig.tight_layout()
-    path = out_dir / "rmse_per_layer.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    written.append(path)
+    written.append(save_png(fig, out_dir / "rmse_per_layer.png"))
     return written

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -88,3 +90,22 @@ def read_text_lines(path, what: str = "file") -> list[str]:
         return path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise PLDRError(f"cannot read {what} {path} as UTF-8 text ({exc})") from None
+
+
+def json_safe(obj):
+    """``obj`` with NaN and +-inf (a log|det| of a singular matrix, an undefined ratio) as None, so
+    that it serialises as strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path, obj, *, indent: int = 1) -> Path:
+    """``obj`` as strict JSON (``json_safe``), written atomically."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n")
+    return path

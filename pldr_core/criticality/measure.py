@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -221,14 +220,3 @@ def criticality_probe(model, rows, new_tokens: int = 64, *, prompts: int = 8, pr
                        per_layer_G_LM=[row["order_parameter"].get("G_LM", nan) for row in layers],
                        per_layer_A=[row["order_parameter"].get("A", nan) for row in layers],
                        samples=len(ids))
-
-
-def finite(obj):
-    """Strict JSON: NaN and +-inf become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj

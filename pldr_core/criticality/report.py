@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from pldr_core import files
 from pldr_core.corpus import iter_embedded_documents
-from pldr_core.criticality.measure import CriticalityResult, finite
+from pldr_core.criticality.measure import CriticalityResult
 from pldr_core.data import TokenData
 from pldr_core.errors import PLDRError
-from pldr_core.files import atomic_path, atomic_write_text, read_text_lines
+from pldr_core.files import read_text_lines
+from pldr_core.plots import pyplot, save_png
 
 NEAR_CRITICAL_MAX = 2.2e-2
 """The largest OP(G_LM) among the paper's near-critical 110M models."""
@@ -75,32 +76,18 @@ def reading(result: CriticalityResult) -> str:
 
 
 def write_json(path, result: CriticalityResult) -> Path:
-    path = Path(path)
-    atomic_write_text(path, json.dumps(finite(result.to_json()), indent=1, allow_nan=False) + "\n")
-    return path
+    return files.write_json(path, result.to_json())
 
 
 def write_plots(out_dir, result: CriticalityResult) -> list[Path]:
-    """op_per_layer.png, eps_G.png (learned G only) and entropy_per_head.png. matplotlib is imported
-    here only."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise PLDRError("--plots needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """op_per_layer.png, eps_G.png (learned G only) and entropy_per_head.png."""
+    plt = pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
     def save(fig, name):
-        path = out_dir / name
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_png(fig, out_dir / name))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     layers = [row["layer"] for row in result.per_layer]

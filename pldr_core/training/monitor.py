@@ -9,8 +9,8 @@ import torch
 from pldr_core import parallel
 from pldr_core.checkpoint import unwrap
 from pldr_core.criticality import SpikeDetector, SpikeRecord, criticality_probe
-from pldr_core.criticality.measure import finite
 from pldr_core.data import RowSampler
+from pldr_core.files import json_safe
 
 # Sized so that a probe at each validation stays within 5% of the training time of the tiny preset on
 # CPU at one validation per 20 steps: 4 rows x 16 new tokens.
@@ -50,7 +50,7 @@ class Monitor:
                                        prompt_tokens=PROBE_PROMPT_TOKENS, seed=0)
         if not self.d.is_main:
             return {}
-        r = finite(result.to_dict())
+        r = json_safe(result.to_dict())
         return {"crit_op_G_LM": r["op_G_LM"], "crit_op_A": r["op_A"],
                 "crit_per_layer": {"G_LM": r["op_G_LM_per_layer"], "A": r["op_A_per_layer"]},
                 "crit_samples": r["criticality_samples"]}
@@ -59,7 +59,7 @@ class Monitor:
     def spike(self, step: int, loss: float) -> dict | None:
         """Feed a step's loss (the same on every rank); the spike's metrics record, or None."""
         record = self.detector.update(step, loss)
-        return finite(record.to_dict()) if record is not None else None
+        return json_safe(record.to_dict()) if record is not None else None
 
     @property
     def spikes(self) -> int:
