@@ -134,8 +134,8 @@ class DecodeState:
     ``G`` [L, B, H, dk, dk] (a G-cache or a frozen G) the key cache holds G_LM k, since
     (q G_LM) . k = q . (G_LM k), so the step multiplies the one new key instead of the query. ``A``:
     the metric tensor frozen at the prefill ([L, B, H, dk, dk]; ``use_metric``: G_LM is recomputed
-    from it every step). ``cos``, ``sin``: rotary tables [T, dk/2]; ``keys``: 0..T-1; ``layer_ids``:
-    0..L-1 (tensor indices, so that a cache write is one scatter into the base tensor). ``wqkv``,
+    from it every step). ``cos``, ``sin``: rotary tables [T, dk/2]; ``keys``: 0..T-1; ``rows``: 0..B-1;
+    ``layer_ids``: 0..L-1 (tensor indices, so that a cache write is one scatter into the base tensor). ``wqkv``,
     ``bqkv``, ``w12``, ``b12``: per layer, the concatenated q|k|v and FFN W1|W2 weights (one matmul
     each: at small batch a step is bound by its number of kernels). ``kernel``: the q|k|v Triton kernel
     (``pldr_core.kernels.kv_write``) rotates q and k and writes G_LM k and v (needs a fixed ``G``).
@@ -148,6 +148,7 @@ class DecodeState:
     cos: torch.Tensor
     sin: torch.Tensor
     keys: torch.Tensor
+    rows: torch.Tensor
     layer_ids: torch.Tensor
     wqkv: list[torch.Tensor]
     bqkv: list[torch.Tensor]
@@ -299,11 +300,12 @@ class PLGAttention(nn.Module):
     # ---- decode step -------------------------------------------------------------------------
     def decode_step(self, x: torch.Tensor, pos: torch.Tensor, layer: int, state: DecodeState,
                     rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor) -> torch.Tensor:
-        """``forward`` for one token x [B, 1, d] at ``pos`` [1] over ``state``'s static caches.
+        """``forward`` for one token x [B, 1, d] at ``pos`` ([1]: every row; or [B]: one per row) over
+        ``state``'s static caches.
 
-        ``rope``: cos, sin [1, 1, 1, dk/2] at ``pos`` (None with ``state.kernel``, which reads the
-        tables itself); ``mask`` [1, 1, 1, T]: the keys up to ``pos``. Writes k (or G_LM k) and v at
-        ``pos`` of layer ``layer``; returns the attention's output [B, 1, d].
+        ``rope``: cos, sin [1 or B, 1, 1, dk/2] at ``pos`` (None with ``state.kernel``, which reads the
+        tables itself); ``mask`` [1 or B, 1, T]: each row's keys up to its position. Writes k (or
+        G_LM k) and v at each row's position of layer ``layer``; returns the attention's output [B, 1, d].
         """
         B = x.shape[0]
         H, dk = self.num_heads, self.head_dim
@@ -319,7 +321,7 @@ class PLGAttention(nn.Module):
         # The one query over the whole static cache, masked past ``pos``; written out (multiply-sum,
         # softmax, multiply-sum) it compiles to fewer kernels than fused SDPA with a mask.
         scores = (q.to(acc) * kc.to(acc)).sum(-1) / math.sqrt(dk)  # [B, H, T]
-        p = torch.softmax(scores.masked_fill(~mask[0], float("-inf")), dim=-1)
+        p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
         out = (p.unsqueeze(-1) * vc.to(acc)).sum(-2, keepdim=True).to(q.dtype)
         return self.dense(out.transpose(1, 2).reshape(B, 1, H * dk))
 
@@ -341,9 +343,9 @@ class PLGAttention(nn.Module):
             with torch.autocast(device_type=q.device.type, enabled=False):
                 _, _, G = self.plgatt_layer(state.A[layer], self.metric_path)
             q = (q.transpose(-1, -2).to(acc) * G.to(acc)).sum(-2, keepdim=True).to(q.dtype)
-        # Tensor indices for both the layer and the position: one scatter into the base tensor (a
-        # write through a per-layer view made the compiled step copy the whole cache back).
+        # Tensor indices for the layer, the rows and their positions: one scatter into the base tensor
+        # (a write through a per-layer view made the compiled step copy the whole cache back).
         lid = state.layer_ids[layer:layer + 1]
-        state.k[lid, :, :, pos] = k.permute(2, 0, 1, 3).to(state.k.dtype)
-        state.v[lid, :, :, pos] = v.permute(2, 0, 1, 3).to(state.v.dtype)
+        state.k[lid, state.rows, :, pos] = k[:, :, 0].to(state.k.dtype)   # [B, H, dk]
+        state.v[lid, state.rows, :, pos] = v[:, :, 0].to(state.v.dtype)
         return q

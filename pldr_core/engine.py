@@ -1,12 +1,14 @@
 """A static-cache decode engine: the fast path for batch-1 and small-batch decoding.
 
 ``pldr_core.generate.decode_steps`` is the reference mechanism (dynamic shapes, per-row lengths, any
-cache combination). This engine runs the model's own ``decode_step`` for rows of equal length with
-everything a CUDA graph needs: the buffers of a ``DecodeState`` preallocated once for prompt +
-max_new_tokens (attended over in full with a mask), the position as a tensor, G_LM in a static buffer
-[L, B, H, dk, dk] (from the prefill, a G-cache file or the frozen weights; with the KV-cache alone a
-learned model recomputes it from the frozen A each step, as the eager model does), and the step
-compiled with ``torch.compile`` and replayed as one captured CUDA graph per token.
+cache combination). This engine runs the model's own ``decode_step`` with everything a CUDA graph
+needs: the buffers of a ``DecodeState`` preallocated once for prompt + max_new_tokens (attended over in
+full with a mask), the rows' positions as a tensor, G_LM in a static buffer [L, B, H, dk, dk] (from the
+prefill, a G-cache file or the frozen weights; with the KV-cache alone a learned model recomputes it
+from the frozen A each step, as the eager model does), and the step compiled with ``torch.compile``
+and replayed as one captured CUDA graph per token. Rows either share one prompt length (``prefill``,
+``generate``) or are prefilled one at a time and stepped each at its own position (``prefill_row``,
+``step_rows``: continuous batching in ``pldr_core.serve``).
 
 The prefill is the eager model itself (``model(prompt, kv_cache=..., g_cache=...)``): it writes straight
 into the engine's buffers, so the cache semantics stay those of the library.
@@ -88,14 +90,15 @@ class DecodeEngine:
         self.compiled = bool(compile)
         # Static inputs/outputs of the step, so that one captured CUDA graph serves every step.
         self._tok = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(batch, dtype=torch.long, device=self.device)  # one position per row
         self._logits = self._next = None
         self._graph = None
         self._run = torch.compile(self._step, mode=compile_mode, fullgraph=True) if compile else self._step
         self._use_graph = compile and self.device.type == "cuda"
 
     def _step(self, token: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [B, V], greedy next token [B]) of one model step; advances ``pos`` by one."""
+        """(logits [B, V], greedy next token [B]) of one model step at the rows' positions ``pos`` [B];
+        advances them by one."""
         logits = self.model.decode_step(token, pos, self.state)
         pos.add_(1)
         return logits, logits.argmax(dim=-1)
@@ -127,10 +130,11 @@ class DecodeEngine:
         self._pos.copy_(pos)
         self._graph = graph
 
-    def _call(self, token: torch.Tensor, p: int) -> torch.Tensor:
-        """Logits [B, V] of one step of ``token`` [B] at position ``p`` (a static buffer: copy to keep)."""
+    def _call(self, token: torch.Tensor, p: int | torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] of one step of ``token`` [B] at position ``p`` (every row) or at positions
+        ``p`` [B] (one per row); the logits are a static buffer: copy to keep."""
         self._tok.copy_(token)
-        self._pos.copy_(self._positions[p:p + 1])
+        self._pos.copy_(self._positions[p:p + 1] if isinstance(p, int) else p)
         if self._use_graph:
             if self._graph is None:
                 self._capture()
@@ -157,26 +161,84 @@ class DecodeEngine:
         return self._call(token, position).clone()
 
     @torch.no_grad()
+    def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] (a copy) of ``tokens`` [B] at ``positions`` [B], one per row: rows of different
+        lengths (each prefilled with ``prefill_row``) in one step, the same compiled step as ``step``."""
+        if tokens.shape != (self.batch,) or positions.shape != (self.batch,):
+            raise PLDRError(f"this engine steps {self.batch} rows: tokens and positions must be "
+                            f"[{self.batch}], got {list(tokens.shape)} and {list(positions.shape)}")
+        return self._call(tokens, positions).clone()
+
+    @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         """Run the eager model on ``prompt`` [B, S] into the static caches; logits of the last position."""
         B, S = prompt.shape
         if B != self.batch:
             raise PLDRError(f"this engine decodes batches of {self.batch} rows, got {B}")
+        return self._prefill(prompt, slice(0, B))
+
+    @torch.no_grad()
+    def prefill_row(self, row: int, ids: torch.Tensor) -> torch.Tensor:
+        """Reset row ``row`` and run prompt ``ids`` [S] into it alone (unpadded: A sums over every
+        position, so padding would change it); the logits [V] of its last position."""
+        if not 0 <= row < self.batch:
+            raise PLDRError(f"row {row} is outside this engine's {self.batch} rows")
+        return self._prefill(ids[None], slice(row, row + 1))[0]
+
+    @torch.no_grad()
+    def prefill_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Prefill ``prompts[i]`` [S_i] into row ``rows[i]``, all in one right-padded forward; the logits
+        [len(rows), V] of each prompt's last position.
+
+        Only where G_LM does not come from the prompt (a G-cache file, a frozen or identity G): attention
+        is causal, so the padding after a prompt never reaches its positions (A, which sums over every
+        position, would see it). The padded positions' keys are masked until a step overwrites them."""
+        if (self._gc is not None and self._gc.source == "prefill") or self.state.use_metric:
+            raise PLDRError("prompts whose G_LM comes from their own prefill are prefilled one at a time")
+        if len(rows) != len(prompts) or len(set(rows)) != len(rows) or not all(
+                0 <= r < self.batch for r in rows):
+            raise PLDRError(f"rows {rows} must be distinct rows of this engine's {self.batch}, one per prompt")
+        lengths = [len(p) for p in prompts]
+        S = max(lengths)
+        if min(lengths) < 1 or S >= self.max_len:
+            raise PLDRError(f"prompt lengths must be between 1 and {self.max_len - 1} for this engine")
+        padded = torch.full((len(rows), S), self.model.config.pad_id, dtype=torch.long, device=self.device)
+        for i, ids in enumerate(prompts):
+            padded[i, :len(ids)] = ids.to(self.device)
+        kv = KVCache.for_model(self.model, len(rows), S)
+        logits = self.model(padded, kv_cache=kv, g_cache=self._gc).logits
+        at = torch.tensor(rows, device=self.device)
+        self.kv.v[:, at, :, :S] = kv.v
+        if self.G is None:
+            self.kv.k[:, at, :, :S] = kv.k
+        else:  # keys cached as G_LM k, as ``_prefill`` converts them
+            for layer, G in enumerate(self.G):
+                k = torch.matmul(kv.k[layer].double(), G[at].double().transpose(-1, -2))
+                self.kv.k[layer, at, :, :S] = k.to(self.kv.k.dtype)
+        return logits[torch.arange(len(rows), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+
+    def _prefill(self, prompt: torch.Tensor, rows: slice) -> torch.Tensor:
+        S = prompt.shape[1]
         if S < 1 or S >= self.max_len:
             raise PLDRError(f"prompt length {S} must be between 1 and {self.max_len - 1} for this engine")
-        self.kv.reset()
+        whole = rows == slice(0, self.batch)
+        kv = self.kv if whole else self.kv.row(rows.start)
+        kv.reset()
         gc = self._gc
         if gc is not None and gc.source == "prefill":
+            gc = gc if whole else gc.row(rows.start)
             gc.reset()
-        logits = self.model(prompt.to(self.device), kv_cache=self.kv, g_cache=gc).logits[:, -1]
+        logits = self.model(prompt.to(self.device), kv_cache=kv, g_cache=gc).logits[:, -1]
+        if self.G is None:
+            return logits
+        G = self.G[:, rows]
         if gc is not None and gc.source == "prefill":
-            self.G.copy_(gc.G_LM.to(self.dtype))
-        if self.G is not None:
-            # The step attends over keys cached as G_LM k (see DecodeState): convert the prompt's.
-            # In float64 (exact products for bf16 and fp32 caches alike, whatever the TF32 setting),
-            # a layer at a time to bound the temporary.
-            for k, G in zip(self.kv.k[:, :, :, :S], self.G):
-                k.copy_(torch.matmul(k.double(), G.double().transpose(-1, -2)))
+            G.copy_(gc.G_LM.to(self.dtype))
+        # The step attends over keys cached as G_LM k (see DecodeState): convert the prompt's.
+        # In float64 (exact products for bf16 and fp32 caches alike, whatever the TF32 setting),
+        # a layer at a time to bound the temporary.
+        for k, G_layer in zip(kv.k[:, :, :, :S], G):
+            k.copy_(torch.matmul(k.double(), G_layer.double().transpose(-1, -2)))
         return logits
 
     @torch.no_grad()

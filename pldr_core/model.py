@@ -146,8 +146,9 @@ class PLDRModel(nn.Module):
 
     # ---- decode step -------------------------------------------------------------------------
     def decode_step(self, token: torch.Tensor, pos: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        """Logits [B, V] of ``token`` [B] at position ``pos`` ([1], a tensor: one captured CUDA graph
-        serves every step) over ``state``'s static buffers, which it updates in place.
+        """Logits [B, V] of ``token`` [B] at positions ``pos`` (a tensor, so that one captured CUDA graph
+        serves every step: [1] for rows that all stand at one position, or [B], one per row, for rows
+        of different lengths) over ``state``'s static buffers, which it updates in place.
 
         The same maths as ``forward`` with a KV-cache (and the G_LM that ``state`` holds), written for
         few kernels: at small batch a decode step is bound by their number, not by FLOPs.
@@ -156,9 +157,9 @@ class PLDRModel(nn.Module):
         x = self.decoder.layernorm1(x)
         rope = None
         if not state.kernel:  # the kernel reads the tables at pos itself
-            rope = (state.cos.index_select(0, pos)[None, None],   # [1, 1, 1, dk/2]
-                    state.sin.index_select(0, pos)[None, None])
-        mask = (state.keys <= pos)[None, None, None, :]   # [1, 1, 1, T]
+            rope = (state.cos.index_select(0, pos)[:, None, None],   # [1 or B, 1, 1, dk/2]
+                    state.sin.index_select(0, pos)[:, None, None])
+        mask = (state.keys <= pos[:, None])[:, None]   # [1 or B, 1, T]
         for i, layer in enumerate(self.decoder.dec_layers):
             x = layer.decode_step(x, pos, i, state, rope, mask)
         return self.final_layer(x)[:, 0]
@@ -176,7 +177,7 @@ class PLDRModel(nn.Module):
         w12 = [layer.ffn.fused_w12() for layer in layers]
         # Same float64 angles as the eager path, cast once (the cast is element-wise, so identical).
         return DecodeState(k=kv.k, v=kv.v, A=kv.A, G=G, cos=cos.to(kv.k.dtype), sin=sin.to(kv.k.dtype),
-                           keys=torch.arange(T, device=device),
+                           keys=torch.arange(T, device=device), rows=torch.arange(kv.batch, device=device),
                            layer_ids=torch.arange(cfg.num_layers, device=device),
                            wqkv=[w for w, _ in qkv], bqkv=[b for _, b in qkv],
                            w12=[w for w, _ in w12], b12=[b for _, b in w12],

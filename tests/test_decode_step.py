@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from pldr_core.cache import GCache, KVCache
 from pldr_core.engine import DecodeEngine
+from pldr_core.errors import PLDRError
 from pldr_core.kernels import MetricPath
 
 
@@ -59,3 +60,64 @@ def test_decode_step_runs_the_layers_own_metric_path():
         outs.append(model.decode_step(token, torch.tensor([4]), engine.state))
         assert len(calls) == model.config.num_layers
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("g_mode,g_source,kernel", [
+    ("learned", "prefill", "torch"), ("learned", "file", "torch"), ("learned", "none", "torch"),
+    ("identity", "none", "torch"), ("learned", "prefill", "triton"), ("random", "none", "triton"),
+])
+def test_rows_at_their_own_positions_decode_as_each_row_alone(g_mode, g_source, kernel):
+    # Continuous batching: rows prefilled one at a time with prompts of different lengths, then stepped
+    # together, each at its own position, give each row the logits of its own eager forward.
+    model = tiny_model(g_mode)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(4, 64, (n,), generator=gen) for n in (3, 6, 1)]
+    gfile = _file_cache(model, prompts[1][None]) if g_source == "file" else None
+    engine = DecodeEngine(model, batch=3, max_len=14, g_source=g_source, g_cache=gfile, kernel=kernel)
+    refs = []
+    for row, ids in enumerate(prompts):
+        kv = KVCache.for_model(model, 1, 14)
+        gc = GCache.for_model(model, 1) if g_source == "prefill" else gfile
+        ref = model(ids[None], kv_cache=kv, g_cache=gc).logits[0, -1]
+        torch.testing.assert_close(engine.prefill_row(row, ids), ref, rtol=0, atol=1e-12)
+        refs.append([kv, gc, ref])
+    pos = torch.tensor([len(ids) for ids in prompts])
+    for _ in range(5):
+        tokens = torch.stack([ref.argmax(-1) for _, _, ref in refs])
+        got = engine.step_rows(tokens, pos)
+        for row, (kv, gc, _) in enumerate(refs):
+            refs[row][2] = model(tokens[row].view(1, 1), kv_cache=kv, g_cache=gc).logits[0, -1]
+            torch.testing.assert_close(got[row], refs[row][2], rtol=0, atol=1e-10)
+        pos += 1
+    # A row prefilled again (a new request in a freed row) leaves the others where they were.
+    again = engine.prefill_row(0, prompts[1])
+    alone = model(prompts[1][None], g_cache=gfile).logits[0, -1]
+    torch.testing.assert_close(again, alone, rtol=0, atol=1e-12)
+    got = engine.step_rows(tokens, pos)
+    torch.testing.assert_close(got[1:], torch.stack([model(t.view(1, 1), kv_cache=kv, g_cache=gc).logits[0, -1]
+                                                     for t, (kv, gc, _) in zip(tokens[1:], refs[1:])]),
+                               rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("g_mode,g_source", [("learned", "file"), ("identity", "none"), ("random", "none")])
+def test_rows_prefilled_together_equal_rows_prefilled_alone(g_mode, g_source):
+    # Where G_LM does not come from the prompt, one right-padded forward prefills several rows exactly
+    # as each alone: causal attention keeps the padding out of every prompt's positions.
+    model = tiny_model(g_mode)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(4, 64, (n,), generator=gen) for n in (4, 1, 7)]
+    gfile = _file_cache(model, prompts[2][None]) if g_source == "file" else None
+    alone = DecodeEngine(model, batch=4, max_len=12, g_source=g_source, g_cache=gfile)
+    together = DecodeEngine(model, batch=4, max_len=12, g_source=g_source, g_cache=gfile)
+    rows = [3, 0, 1]
+    want = torch.stack([alone.prefill_row(r, p) for r, p in zip(rows, prompts)])
+    torch.testing.assert_close(together.prefill_rows(rows, prompts), want, rtol=0, atol=1e-12)
+    pos = torch.tensor([len(prompts[1]), len(prompts[2]), 0, len(prompts[0])])
+    tokens = torch.tensor([5, 6, 7, 8])
+    for _ in range(3):
+        torch.testing.assert_close(together.step_rows(tokens, pos)[rows], alone.step_rows(tokens, pos)[rows],
+                                   rtol=0, atol=1e-10)
+        pos += 1
+    if g_mode == "learned":  # G_LM from each prompt: A would see the padding
+        with pytest.raises(PLDRError, match="one at a time"):
+            DecodeEngine(model, batch=2, max_len=8, g_source="prefill").prefill_rows([0], prompts[:1])

@@ -55,8 +55,10 @@ def model_dir(tmp_path_factory, spm_model):
 class Server:
     """``pldr serve``'s app under uvicorn in a thread, on a free port of 127.0.0.1."""
 
-    def __init__(self, model_dir, *, max_batch=4, max_new_tokens=400, api_key=None, gcache=None):
-        scheduler, tok, net = load_scheduler(model_dir, max_batch=max_batch, gcache=gcache, device="cpu")
+    def __init__(self, model_dir, *, max_batch=4, max_new_tokens=400, api_key=None, gcache=None,
+                 engine="eager"):
+        scheduler, tok, net = load_scheduler(model_dir, max_batch=max_batch, gcache=gcache, device="cpu",
+                                             engine=engine)
         self.scheduler = scheduler
         app = create_app(scheduler, model_id=MODEL_ID, tokenizer=tok, vocab_size=net.config.vocab_size,
                          max_new_tokens=max_new_tokens, api_key=api_key)
@@ -84,9 +86,12 @@ class Server:
         return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
-    s = Server(model_dir)
+@pytest.fixture(scope="module", params=["eager", "static"])
+def server(model_dir, request):
+    """The server on each decode step: the eager model's, and the static-cache engine's (uncompiled
+    on CPU; compiled with a CUDA graph on a GPU)."""
+    s = Server(model_dir, engine=request.param)
+    assert s.scheduler.step.name == request.param
     yield s
     s.close()
 
@@ -115,10 +120,11 @@ def test_greedy_equals_pldr_generate_streamed_and_not(server, model_dir):
         assert choice.finish_reason == ("stop" if want["finish_reason"] == "eos" else "length")
         assert got.usage.prompt_tokens == len(want["prompt_tokens"])
         assert got.usage.completion_tokens == len(want["new_tokens"])
-        assert got.model_extra["pldr"] == {"g_source": "prefill", "step": "eager"}
+        step = server.scheduler.step.name
+        assert got.model_extra["pldr"] == {"g_source": "prefill", "step": step}
         text, ids, finish, pldr = streamed(server, prompt, n)
         assert (text, ids, finish) == (choice.text, choice_ids, choice.finish_reason)
-        assert pldr == {"g_source": "prefill", "step": "eager"}
+        assert pldr == {"g_source": "prefill", "step": step}
 
 
 def test_sixteen_concurrent_clients_get_what_they_get_alone(server, model_dir):
@@ -232,15 +238,16 @@ def test_client_gone_mid_stream_frees_its_row(server):
         assert f"# TYPE {name} " in metrics
 
 
-def test_gcache_file_api_key_and_load_script(model_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_gcache_file_api_key_and_load_script(model_dir, tmp_path, engine):
     g = tmp_path / "g.safetensors"
     assert run_cli("export-gcache", model_dir, "--out", g).exit_code == 0
-    s = Server(model_dir, gcache=g, api_key="sesame", max_batch=2)
+    s = Server(model_dir, gcache=g, api_key="sesame", max_batch=2, engine=engine)
     try:
         want = generate_alone(model_dir, "the metric tensor", 9, "--gcache", g)
         got = complete(s, "the metric tensor", 9)
         assert got.choices[0].model_extra["token_ids"] == want["new_tokens"]
-        assert got.model_extra["pldr"] == {"g_source": "file", "step": "eager"}
+        assert got.model_extra["pldr"] == {"g_source": "file", "step": engine}
         body = {"model": MODEL_ID, "prompt": "the", "max_tokens": 2}
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             r = httpx.post(f"{s.url}/v1/completions", json=body, headers=headers)
@@ -264,4 +271,8 @@ def test_cli_serve_refuses_bad_options(model_dir):
     assert r.exit_code == 2 and "--max-batch" in r.output
     r = run_cli("serve", model_dir, "--max-new-tokens", 5000)
     assert r.exit_code == 2 and "--max-new-tokens" in r.output
+    r = run_cli("serve", model_dir, "--engine", "turbo")
+    assert r.exit_code == 2 and "--engine" in r.output
+    r = run_cli("serve", model_dir, "--max-len", 1)
+    assert r.exit_code == 2 and "--max-len" in r.output
     assert run_cli("serve", "--help").exit_code == 0

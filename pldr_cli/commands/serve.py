@@ -12,6 +12,8 @@ EPILOG = """Examples:
 
   pldr serve runs/qs/run/final --gcache runs/qs/gcache.safetensors --port 8000
 
+  pldr serve MODEL --gcache G.safetensors --max-batch 64 --max-len 512   # 64 rows of 512 positions (GPU)
+
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"model": "runs/qs/run/final", "prompt": "To be, or not to be", "max_tokens": 24, "temperature": 0}'
 
 Endpoints: GET /v1/models, POST /v1/completions (prompt a string, a list of strings or token ids; max_tokens, temperature, top_p, top_k, seed, stop, stream, logprobs), GET /health, GET /metrics (Prometheus text). The model id is MODEL as given (or --name). Up to --max-batch prompts decode together; a new one takes the first free row between decode steps, so a short request never waits for a long one. With --gcache the metric path never runs; without it each prompt's G_LM comes from its own prefill (the response's "pldr" field says which)."""
@@ -39,6 +41,11 @@ def serve(
     api_key: str = typer.Option(None, "--api-key", envvar="PLDR_API_KEY", help="Require "
                                 "'Authorization: Bearer KEY' on /v1 (also from $PLDR_API_KEY)."),
     name: str = typer.Option(None, "--name", help="Model id clients name (default: MODEL as given)."),
+    engine: str = typer.Option("auto", "--engine", help="static: the static-cache engine, one compiled "
+                               "step (a CUDA graph) for all rows; eager: the model's cached forward; "
+                               "auto: static on a GPU, eager elsewhere."),
+    max_len: int = typer.Option(None, "--max-len", help="Positions a row holds, prompt + max_tokens "
+                                "(default: the model's context). Smaller is faster on the static engine."),
 ) -> None:
     from pldr_core.checkpoint import load_config
     from pldr_core.device import resolve_dtype
@@ -60,8 +67,16 @@ def serve(
         raise fail(f"pldr serve needs {exc.name}: pip install 'pldr[serve]'") from None
     from pldr_core.serve import load_scheduler
 
+    if engine not in ("auto", "eager", "static"):
+        raise fail(f"--engine must be auto, eager or static, got {engine!r}")
+    if max_len is not None and not 2 <= max_len <= config.max_seq_len:
+        raise fail(f"--max-len must be in 2..{config.max_seq_len} (the model's context), got {max_len}")
+    if max_len is not None and max_new_tokens >= max_len:
+        max_new_tokens = max_len - 1
+    typer.echo("loading the model (on a GPU the static engine compiles its step first)", err=True)
     scheduler, tok, net = load_scheduler(model, max_batch=max_batch, gcache=gcache, force=force,
-                                         tokenizer=tokenizer, device=device, dtype=dtype)
+                                         tokenizer=tokenizer, device=device, dtype=dtype, engine=engine,
+                                         max_len=max_len)
     app = create_app(scheduler, model_id=name or str(model).rstrip("/"), tokenizer=tok,
                      vocab_size=net.config.vocab_size, max_new_tokens=max_new_tokens, api_key=api_key)
     typer.echo(f"serving {name or model} on http://{host}:{port}/v1 ({max_batch} rows, G from "

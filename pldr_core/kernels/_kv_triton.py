@@ -16,13 +16,13 @@ def _rotate(x_ptr, c, s, i, partner, sign, ACC: tl.constexpr):
 
 @triton.jit
 def _decode_qkv(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr, kc_ptr, vc_ptr, q_ptr,
-                layer, H, s_row, s_gl, s_gb, s_gh, s_cl, s_cb, s_ch, s_ct,
+                layer, H, s_row, s_pos, s_gl, s_gb, s_gh, s_cl, s_cb, s_ch, s_ct,
                 D: tl.constexpr, INTERLEAVED: tl.constexpr, ACC: tl.constexpr):
     """One program per (row, head): rotate q and k, store q, and G_LM k and v into the caches at pos."""
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
-    pos = tl.load(pos_ptr)
+    pos = tl.load(pos_ptr + b * s_pos)  # s_pos 0: one position for every row
     i = tl.arange(0, D)
     if INTERLEAVED:  # pairs (2j, 2j+1)
         partner = i ^ 1

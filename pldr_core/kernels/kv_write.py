@@ -35,8 +35,8 @@ def decode_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: tor
     """R_pos q [B, H, 1, dk]; stores G_LM[layer] R_pos k and v at ``pos`` in layer ``layer`` of the caches.
 
     ``qkv`` [B, 1, 3*H*dk]: one step's q|k|v projection (heads contiguous within each); ``cos``/``sin``
-    [T, dk/2] the rotary tables (contiguous); ``pos`` [1] (a tensor, so a captured graph serves every
-    step); ``G`` [L, B, H, dk, dk] (any strides outside the last two dims, which are contiguous);
+    [T, dk/2] the rotary tables (contiguous); ``pos`` [1] or [B] (int64; one position for every row or
+    one per row; a tensor, so a captured graph serves every step); ``G`` [L, B, H, dk, dk] (any strides outside the last two dims, which are contiguous);
     caches [L, B, H, T, dk] with the same strides. The rotations are rounded to qkv's dtype, as the
     model's own rotation leaves them; the product G k accumulates in fp32 (fp64 for fp64 caches)."""
     from pldr_core.kernels import _kv_triton
@@ -49,6 +49,8 @@ def decode_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: tor
         raise ValueError("decode_qkv: the two caches must have one shape and one set of strides")
     if G.shape != (L, B, H, dk, dk) or cos.shape != sin.shape or cos.shape[1:] != (dk // 2,):
         raise ValueError(f"decode_qkv: G must be [{L}, {B}, {H}, {dk}, {dk}] and cos/sin [T, {dk // 2}]")
+    if pos.dim() != 1 or pos.shape[0] not in (1, B):
+        raise ValueError(f"decode_qkv: pos must be [1] or [{B}], got {list(pos.shape)}")
     if not 0 <= layer < L:
         raise ValueError(f"decode_qkv: layer {layer} is outside the caches' {L} layers")
     if G.stride(-1) != 1 or G.stride(-2) != dk or k_cache.stride(-1) != 1:
@@ -61,6 +63,7 @@ def decode_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: tor
     with on_device(qkv):
         _kv_triton._decode_qkv[(B * H,)](
             qkv, cos.contiguous(), sin.contiguous(), pos, G, k_cache, v_cache, q, layer, H, qkv.stride(0),
+            pos.stride(0) if pos.shape[0] > 1 else 0,
             G.stride(0), G.stride(1), G.stride(2), *k_cache.stride()[:4],
             D=dk, INTERLEAVED=interleaved, ACC=acc)
     return q

@@ -7,8 +7,8 @@ runs every row at once with per-row positions; a free row is fed a harmless toke
 its output dropped (the row is prefilled afresh when a request takes it). Each request samples with
 its own ``Sampler``, so a row gets the tokens it would get alone.
 
-The step itself sits behind ``DecodeStep`` (``prefill(row, ids)`` and ``step(tokens, positions)``):
-``EagerStep`` runs the model's own cached forward; a static-cache engine can take its place.
+The step itself sits behind ``DecodeStep`` (``pldr_core.serve.steps``: a prefill of rows and a
+decode step of all rows): the eager model's cached forward, or the static-cache engine's compiled step.
 Results go back through each request's ``emit`` callback, called on the scheduler thread.
 """
 
@@ -21,72 +21,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
-from pldr_core.cache import GCache, KVCache
 from pldr_core.sampling import Sampler
+from pldr_core.serve.steps import DecodeStep
 
 log = logging.getLogger("pldr.serve")
 
 # Seconds of history behind the tokens/s gauge.
 RATE_WINDOW_S = 10.0
-
-
-class DecodeStep(Protocol):
-    """What the scheduler drives: the rows' caches, a one-row prefill and an all-rows decode step."""
-
-    name: str
-    """Which step runs ('eager', or an engine's name)."""
-    g_source: str
-    """Where G_LM comes from: 'file', 'prefill' or 'model' (identity / frozen G)."""
-    batch: int
-    max_len: int
-    device: torch.device
-
-    def prefill(self, row: int, ids: torch.Tensor) -> torch.Tensor:
-        """Reset row ``row`` and run prompt ``ids`` [S] into it; the last position's logits [V]."""
-
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Feed ``tokens`` [B] at ``positions`` [B] (one per row); logits [B, V]."""
-
-
-class EagerStep:
-    """``DecodeStep`` on the eager model with a ``KVCache`` (and, for prefill G, a ``GCache``)."""
-
-    name = "eager"
-
-    def __init__(self, model, *, batch: int, max_len: int, g_cache: GCache | None = None):
-        self.model, self.batch, self.max_len = model, batch, max_len
-        self.device = next(model.parameters()).device
-        self.kv = KVCache.for_model(model, batch, max_len)
-        if not model.config.has_metric_path:
-            self.g_source, self.gc = "model", None
-        elif g_cache is not None:
-            self.g_source, self.gc = "file", g_cache
-        else:
-            self.g_source, self.gc = "prefill", GCache.for_model(model, batch)
-        # Every row starts out holding the EOS-only prompt: the batch's caches are then filled for
-        # all rows, so a decode step reads the frozen A / G_LM of each row instead of rerunning the
-        # metric path on one token.
-        eos = torch.tensor([model.config.eos_id], device=self.device)
-        for b in range(batch):
-            self.prefill(b, eos)
-
-    @torch.no_grad()
-    def prefill(self, row: int, ids: torch.Tensor) -> torch.Tensor:
-        kv = self.kv.row(row)
-        kv.reset()
-        gc = None if self.gc is None else self.gc.row(row)
-        if gc is not None:
-            gc.reset()
-        return self.model(ids[None], kv_cache=kv, g_cache=gc).logits[0, -1]
-
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(tokens[:, None], kv_cache=self.kv, g_cache=self.gc, positions=positions[:, None])
-        return out.logits[:, -1]
 
 
 @dataclass
@@ -261,20 +205,27 @@ class Scheduler:
             self._free_row(b, "cancelled")
 
     def _admit(self) -> None:
+        """Give queued jobs the free rows and prefill them together (one failed prefill fails them)."""
+        admitted: dict[int, _Row] = {}
         while self._free and self._pending:
             job = self._pending.popleft()
             if job.cancelled.is_set():
                 self.counts["cancelled"] += 1
                 continue
             b = self._free.pop()
-            self._rows[b] = _Row(job, _Text(self.tok, job.prompt, job.stop))
-            try:
-                logits = self.step.prefill(b, torch.tensor(job.prompt, device=self.step.device))
-                self._choose({b: self._rows[b]}, logits[None], {b: 0})
-            except Exception as exc:  # a failed prefill fails its request, not the server
-                log.exception("prefill failed")
+            admitted[b] = self._rows[b] = _Row(job, _Text(self.tok, job.prompt, job.stop))
+        if not admitted:
+            return
+        try:
+            device = self.step.device
+            logits = self.step.prefill_rows(list(admitted), [torch.tensor(row.job.prompt, device=device)
+                                                             for row in admitted.values()])
+            self._choose(admitted, logits, {b: i for i, b in enumerate(admitted)})
+        except Exception as exc:  # a failed prefill fails its requests, not the server
+            log.exception("prefill failed")
+            for b, row in admitted.items():
                 if b in self._rows:
-                    _send(job, Event(index=job.index, error=f"{type(exc).__name__}: {exc}"))
+                    _send(row.job, Event(index=row.job.index, error=f"{type(exc).__name__}: {exc}"))
                     self._free_row(b, "failed")
 
     def _decode(self) -> None:

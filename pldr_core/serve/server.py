@@ -3,7 +3,9 @@
 Endpoints: ``GET /v1/models``, ``POST /v1/completions`` (streamed as server-sent events or not),
 ``GET /health`` and ``GET /metrics`` (Prometheus text). Every error answers OpenAI's JSON shape
 ``{"error": {"message", "type", "param", "code"}}``. The app talks to the ``Scheduler`` thread through
-its ``submit`` and per-request asyncio queues fed with ``loop.call_soon_threadsafe``.
+its ``submit`` and per-request asyncio queues, fed through one ``Mailbox`` (one wake-up of the event
+loop per batch of events, not one per token). A stream sends what has arrived since its last chunk as
+one chunk per choice, so a busy server sends fewer, longer chunks.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -68,6 +71,29 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float | None = 0.0
     suffix: str | None = None
     user: str | None = None
+
+
+class Mailbox:
+    """Events from the scheduler thread to the requests' queues on the event loop, delivered in batches:
+    the loop is woken once for whatever was posted since its last delivery."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._posted: list[tuple[asyncio.Queue, Event]] = []
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:
+        with self._lock:
+            self._posted.append((queue, event))
+            if len(self._posted) > 1:
+                return  # a delivery is already on its way
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            posted, self._posted = self._posted, []
+        for queue, event in posted:
+            queue.put_nowait(event)
 
 
 def create_app(scheduler: Scheduler, *, model_id: str, tokenizer, vocab_size: int, max_new_tokens: int,
@@ -141,11 +167,11 @@ def create_app(scheduler: Scheduler, *, model_id: str, tokenizer, vocab_size: in
         max_tokens = _check_lengths(body, prompts, scheduler.max_len, max_new_tokens)
         sampler_args = _sampling(body)
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        loop = asyncio.get_running_loop()
+        mailbox = _mailbox(app)
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            mailbox.post(events, event)
 
         jobs = [Job(prompt=ids, max_tokens=max_tokens, sampler=Sampler(**sampler_args), emit=emit,
                     stop=stop, logprobs=body.logprobs, index=i) for i, ids in enumerate(prompts)]
@@ -160,6 +186,14 @@ def create_app(scheduler: Scheduler, *, model_id: str, tokenizer, vocab_size: in
         return await _collect(jobs, events, head, pldr_field, request)
 
     return app
+
+
+def _mailbox(app: FastAPI) -> Mailbox:
+    """The app's one ``Mailbox``, made on first use inside the running loop."""
+    box = getattr(app.state, "mailbox", None)
+    if box is None:
+        box = app.state.mailbox = Mailbox(asyncio.get_running_loop())
+    return box
 
 
 def _prompt_ids(body: CompletionRequest, tokenizer, vocab_size: int) -> list[list[int]]:
@@ -270,25 +304,45 @@ async def _collect(jobs, events, head, pldr_field, request: Request):
     return {**head, "choices": choices, "usage": usage, "pldr": pldr_field}
 
 
+def _merged(events: list[Event]) -> list[Event]:
+    """Consecutive events of one choice as one (text, tokens and logprobs joined; the last finish)."""
+    out: dict[int, Event] = {}
+    for e in events:
+        if e.error is not None:
+            return [e]
+        m = out.get(e.index)
+        if m is None:
+            out[e.index] = Event(e.index, e.text, list(e.token_ids), list(e.logprobs), e.finish_reason,
+                                 None, e.prompt_tokens, e.completion_tokens)
+            continue
+        m.text += e.text
+        m.token_ids += e.token_ids
+        m.logprobs += e.logprobs
+        m.finish_reason, m.completion_tokens = e.finish_reason, e.completion_tokens
+    return list(out.values())
+
+
 async def _stream(jobs, events, head, pldr_field, include_usage: bool):
     """Server-sent events, one chunk per token per choice, then ``[DONE]``. A client that goes away
     cancels this generator, and with it the jobs (their rows are freed before the next step)."""
     left, completion = len(jobs), 0
     try:
         while left:
-            event = await events.get()
-            if event.error is not None:
-                error = {"message": f"generation failed: {event.error}", "type": "server_error",
+            arrived = _merged([await events.get()] + [events.get_nowait() for _ in range(events.qsize())])
+            failed = next((e for e in arrived if e.error is not None), None)
+            if failed is not None:
+                error = {"message": f"generation failed: {failed.error}", "type": "server_error",
                          "param": None, "code": None}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 break
-            choice = {"index": event.index, "text": event.text,
-                      "logprobs": _logprobs_json(event), "finish_reason": event.finish_reason,
-                      "token_ids": event.token_ids}
-            yield f"data: {json.dumps({**head, 'choices': [choice], 'pldr': pldr_field})}\n\n"
-            if event.finish_reason is not None:
-                completion += event.completion_tokens
-                left -= 1
+            for event in arrived:
+                choice = {"index": event.index, "text": event.text,
+                          "logprobs": _logprobs_json(event), "finish_reason": event.finish_reason,
+                          "token_ids": event.token_ids}
+                yield f"data: {json.dumps({**head, 'choices': [choice], 'pldr': pldr_field})}\n\n"
+                if event.finish_reason is not None:
+                    completion += event.completion_tokens
+                    left -= 1
         if include_usage and not left:
             prompt = sum(len(j.prompt) for j in jobs)
             usage = {"prompt_tokens": prompt, "completion_tokens": completion,

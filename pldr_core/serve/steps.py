@@ -1,0 +1,112 @@
+"""The decode steps the scheduler drives: the eager model's cached forward, or the static-cache engine.
+
+Both hold one preallocated KV-cache of ``batch`` rows. A prefill runs prompts into chosen rows (each
+unpadded and alone where G_LM comes from the prompt: A sums over every position, so padding would
+change it); a step feeds one token to every row at that row's own position.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from pldr_core.cache import GCache, KVCache
+from pldr_core.engine import DecodeEngine
+
+# Prompts prefilled in one forward by ``EngineStep`` (where they may share one).
+PREFILL_CHUNK = 16
+
+
+class DecodeStep(Protocol):
+    """What the scheduler drives: the rows' caches, a prefill of some rows and an all-rows decode step."""
+
+    name: str
+    """Which step runs ('eager', 'static' or 'static, compiled')."""
+    g_source: str
+    """Where G_LM comes from: 'file', 'prefill' or 'model' (identity / frozen G)."""
+    batch: int
+    max_len: int
+    device: torch.device
+
+    def prefill_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Reset rows ``rows`` and run prompt ``prompts[i]`` [S_i] into row ``rows[i]``; the logits
+        [len(rows), V] of each prompt's last position."""
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` [B] at ``positions`` [B] (one per row); logits [B, V]."""
+
+
+def _g_source(model, g_cache: GCache | None) -> str:
+    if not model.config.has_metric_path:
+        return "model"
+    return "file" if g_cache is not None else "prefill"
+
+
+class EagerStep:
+    """``DecodeStep`` on the eager model with a ``KVCache`` (and, for prefill G, a ``GCache``)."""
+
+    name = "eager"
+
+    def __init__(self, model, *, batch: int, max_len: int, g_cache: GCache | None = None):
+        self.model, self.batch, self.max_len = model, batch, max_len
+        self.device = next(model.parameters()).device
+        self.kv = KVCache.for_model(model, batch, max_len)
+        self.g_source = _g_source(model, g_cache)
+        self.gc = {"model": None, "file": g_cache}.get(self.g_source)
+        if self.g_source == "prefill":
+            self.gc = GCache.for_model(model, batch)
+        # Every row starts out holding the EOS-only prompt: the batch's caches are then filled for
+        # all rows, so a decode step reads the frozen A / G_LM of each row instead of rerunning the
+        # metric path on one token.
+        eos = torch.tensor([model.config.eos_id], device=self.device)
+        self.prefill_rows(list(range(batch)), [eos] * batch)
+
+    @torch.no_grad()
+    def prefill_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+        out = []
+        for row, ids in zip(rows, prompts):
+            kv = self.kv.row(row)
+            kv.reset()
+            gc = None if self.gc is None else self.gc.row(row)
+            if gc is not None:
+                gc.reset()
+            out.append(self.model(ids[None], kv_cache=kv, g_cache=gc).logits[0, -1])
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(tokens[:, None], kv_cache=self.kv, g_cache=self.gc, positions=positions[:, None])
+        return out.logits[:, -1]
+
+
+class EngineStep:
+    """``DecodeStep`` on the static-cache ``DecodeEngine``: every row in one step (compiled and replayed
+    as one CUDA graph with ``compile`` on a GPU), each at its own position.
+
+    Where G_LM does not come from the prompt (a G-cache file, a frozen or identity G), rows admitted
+    together are prefilled in one right-padded forward (``DecodeEngine.prefill_rows``); with G from the
+    prompt each row is prefilled alone."""
+
+    def __init__(self, model, *, batch: int, max_len: int, g_cache: GCache | None = None,
+                 compile: bool = False):
+        self.model, self.batch, self.max_len = model, batch, max_len
+        self.g_source = _g_source(model, g_cache)
+        source = {"model": "none", "file": "file", "prefill": "prefill"}[self.g_source]
+        self.engine = DecodeEngine(model, batch=batch, max_len=max_len, g_source=source, g_cache=g_cache,
+                                   compile=compile)
+        self.device = self.engine.device
+        self.name = "static, compiled" if compile else "static"
+        self.engine.warm_up()
+
+    @torch.no_grad()
+    def prefill_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+        if self.g_source == "prefill":
+            return torch.stack([self.engine.prefill_row(row, ids) for row, ids in zip(rows, prompts)])
+        # A few prompts a forward: the forward's logits cover every padded position.
+        n = PREFILL_CHUNK
+        return torch.cat([self.engine.prefill_rows(rows[i:i + n], prompts[i:i + n])
+                          for i in range(0, len(rows), n)])
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.engine.step_rows(tokens, positions)
