@@ -4,7 +4,8 @@
 the eager modules, or the fused formulation that ``torch.compile`` turns into few kernels (each GLU's
 W1|W2 as one matmul; on CUDA the residual GLU stack as the Triton kernels of ``glu_stack``). The maths
 is the same on every path. ``prepare_metric_path`` and ``optimize_for_training`` are what training
-calls. ``_Gram`` forms A0 = q^T q from a bf16 q; ``kv_write`` holds the decode step's q|k|v kernel.
+calls. ``_Gram`` forms A0 = q^T q from a bf16 q; ``kv_write`` holds the decode step's q|k|v kernel,
+``decode_attn`` its attention over the cache.
 """
 
 from __future__ import annotations
