@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pldr_core.config import GMode, PLDRConfig
-from pldr_core.kernels import MetricPath, _Gram, glu_stack, kv_write
+from pldr_core.kernels import MetricPath, _Gram, decode_attn, glu_stack, kv_write
 from pldr_core.metric import EAGER, EPS_ADJ, GLU, PLGAParams, ResLayerA, metric_dtype
 
 __all__ = ["PLGAttention", "LayerDeductive", "DecodeState", "MetricPath", "GLU", "PLGAParams", "ResLayerA",
@@ -138,7 +138,8 @@ class DecodeState:
     ``layer_ids``: 0..L-1 (tensor indices, so that a cache write is one scatter into the base tensor). ``wqkv``,
     ``bqkv``, ``w12``, ``b12``: per layer, the concatenated q|k|v and FFN W1|W2 weights (one matmul
     each: at small batch a step is bound by its number of kernels). ``kernel``: the q|k|v Triton kernel
-    (``pldr_core.kernels.kv_write``) rotates q and k and writes G_LM k and v (needs a fixed ``G``).
+    (``pldr_core.kernels.kv_write``) rotates q and k and writes G_LM k and v (needs a fixed ``G``);
+    ``attn_kernel``: the attention over the cache as the Triton kernel of ``kernels.decode_attn``.
     """
 
     k: torch.Tensor
@@ -156,6 +157,7 @@ class DecodeState:
     b12: list[torch.Tensor]
     use_metric: bool
     kernel: bool
+    attn_kernel: bool = False
 
 
 class PLGAttention(nn.Module):
@@ -317,12 +319,15 @@ class PLGAttention(nn.Module):
                                     self.rope_style == "interleaved")
         else:
             q = self._decode_qkv(qkv, pos, layer, state, rope, acc)
-        kc, vc = state.k[layer], state.v[layer]
-        # The one query over the whole static cache, masked past ``pos``; written out (multiply-sum,
-        # softmax, multiply-sum) it compiles to fewer kernels than fused SDPA with a mask.
-        scores = (q.to(acc) * kc.to(acc)).sum(-1) / math.sqrt(dk)  # [B, H, T]
-        p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        out = (p.unsqueeze(-1) * vc.to(acc)).sum(-2, keepdim=True).to(q.dtype)
+        if state.attn_kernel:  # one Triton kernel, reading only the keys up to each row's position
+            out = decode_attn.decode_attention(q, state.k, state.v, layer, pos)
+        else:
+            # The one query over the whole static cache, masked past ``pos``; written out (multiply-sum,
+            # softmax, multiply-sum) it compiles to fewer kernels than fused SDPA with a mask.
+            kc, vc = state.k[layer], state.v[layer]
+            scores = (q.to(acc) * kc.to(acc)).sum(-1) / math.sqrt(dk)  # [B, H, T]
+            p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+            out = (p.unsqueeze(-1) * vc.to(acc)).sum(-2, keepdim=True).to(q.dtype)
         return self.dense(out.transpose(1, 2).reshape(B, 1, H * dk))
 
     def _decode_qkv(self, qkv, pos, layer: int, state: DecodeState, rope, acc) -> torch.Tensor:

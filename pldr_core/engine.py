@@ -23,7 +23,7 @@ import torch
 from pldr_core.cache import GCache, KVCache
 from pldr_core.config import GMode
 from pldr_core.errors import PLDRError
-from pldr_core.kernels import KERNELS, kv_write
+from pldr_core.kernels import KERNELS, decode_attn, kv_write
 from pldr_core.sampling import Step, greedy
 
 G_SOURCES = ("file", "prefill", "none")
@@ -40,15 +40,18 @@ class DecodeEngine:
     ``kernel``: with a fixed G_LM, write each new key and value with the Triton kernel of
     ``pldr_core.kernels.kv_write`` ('triton'; on CPU it needs TRITON_INTERPRET=1) or with torch ops
     ('torch'); 'auto' (the default) takes the kernel on CUDA. ``self.kernel`` says which one runs.
+    ``attention``: the same choice for the attention over the cache (``pldr_core.kernels.decode_attn``);
+    ``self.attention`` says which one runs.
     """
 
     def __init__(self, model, *, batch: int, max_len: int, g_source: str = "prefill",
                  g_cache: GCache | None = None, compile: bool = False, compile_mode: str | None = None,
-                 kernel: str = "auto"):
+                 kernel: str = "auto", attention: str = "auto"):
         if g_source not in G_SOURCES:
             raise PLDRError(f"unknown g_source {g_source!r}; choose one of {', '.join(G_SOURCES)}")
-        if kernel not in KERNELS:
-            raise PLDRError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+        for name, value in (("kernel", kernel), ("attention", attention)):
+            if value not in KERNELS:
+                raise PLDRError(f"unknown {name} {value!r}; choose one of {', '.join(KERNELS)}")
         cfg = model.config
         learned = cfg.has_metric_path
         if g_source == "file" and g_cache is None:
@@ -84,8 +87,14 @@ class DecodeEngine:
                             "Triton, and CUDA (or TRITON_INTERPRET=1)")
         auto = kernel == "auto" and self.device.type == "cuda"
         self.kernel = "triton" if fits and (kernel == "triton" or auto) else "torch"
+        attn_fits = decode_attn.applies(self.kv.k, self.kv.k, cfg.head_dim)
+        if attention == "triton" and not attn_fits:
+            raise PLDRError("the Triton attention kernel needs a power-of-two head size up to 128, caches "
+                            "under 2**31 elements, Triton, and CUDA (or TRITON_INTERPRET=1)")
+        use_attn = attn_fits and (attention == "triton" or (attention == "auto" and self.device.type == "cuda"))
+        self.attention = "triton" if use_attn else "torch"
         self.state = model.decode_state(self.kv, G, use_metric=learned and g_source == "none",
-                                        kernel=self.kernel == "triton")
+                                        kernel=self.kernel == "triton", attn_kernel=use_attn)
         self._positions = torch.arange(max_len, device=self.device)
         self.compiled = bool(compile)
         # Static inputs/outputs of the step, so that one captured CUDA graph serves every step.

@@ -166,9 +166,10 @@ class PLDRModel(nn.Module):
 
     @torch.no_grad()
     def decode_state(self, kv: KVCache, G: torch.Tensor | None, *, use_metric: bool,
-                     kernel: bool) -> DecodeState:
+                     kernel: bool, attn_kernel: bool = False) -> DecodeState:
         """The buffers of ``decode_step`` over ``kv`` (and a fixed G_LM [L, B, H, dk, dk] or None);
-        ``use_metric``: recompute G_LM from ``kv.A`` each step; ``kernel``: the q|k|v Triton kernel."""
+        ``use_metric``: recompute G_LM from ``kv.A`` each step; ``kernel``: the q|k|v Triton kernel;
+        ``attn_kernel``: the attention's Triton kernel."""
         cfg = self.config
         T, device = kv.max_len, kv.k.device
         cos, sin = rope_angles(torch.arange(T, device=device), cfg.head_dim, cfg.rope_base)
@@ -181,7 +182,7 @@ class PLDRModel(nn.Module):
                            layer_ids=torch.arange(cfg.num_layers, device=device),
                            wqkv=[w for w, _ in qkv], bqkv=[b for _, b in qkv],
                            w12=[w for w, _ in w12], b12=[b for _, b in w12],
-                           use_metric=use_metric, kernel=kernel)
+                           use_metric=use_metric, kernel=kernel, attn_kernel=attn_kernel)
 
     # ---- metric path setting -----------------------------------------------------------------
     def set_metric_path(self, path: MetricPath = EAGER) -> int:

@@ -18,18 +18,23 @@ def _file_cache(model, prompt):
     return GCache.from_tensors(gc.A_LM[:, 0].clone(), gc.G_LM[:, 0].clone())
 
 
-@pytest.mark.parametrize("g_mode,g_source,kernel", [
-    ("learned", "prefill", "torch"), ("learned", "file", "torch"), ("learned", "none", "torch"),
-    ("identity", "none", "torch"), ("random", "none", "torch"),
-    ("learned", "file", "triton"), ("random", "none", "triton"),  # Triton's interpreter
+@pytest.mark.parametrize("g_mode,g_source,kernel,attention", [
+    ("learned", "prefill", "torch", "torch"), ("learned", "file", "torch", "torch"),
+    ("learned", "none", "torch", "torch"), ("identity", "none", "torch", "torch"),
+    ("random", "none", "torch", "torch"),
+    # Triton's interpreter
+    ("learned", "file", "triton", "torch"), ("random", "none", "triton", "torch"),
+    ("learned", "file", "triton", "triton"), ("learned", "none", "torch", "triton"),
+    ("identity", "none", "torch", "triton"),
 ])
-def test_decode_step_equals_the_eager_forward_with_a_kv_cache(g_mode, g_source, kernel):
+def test_decode_step_equals_the_eager_forward_with_a_kv_cache(g_mode, g_source, kernel, attention):
     model = tiny_model(g_mode)
     prompt = torch.randint(4, 64, (3, 5), generator=torch.Generator().manual_seed(1))
     gfile = _file_cache(model, prompt) if g_source == "file" else None
     # The engine only allocates the step's buffers and prefills them through the eager model.
-    engine = DecodeEngine(model, batch=3, max_len=12, g_source=g_source, g_cache=gfile, kernel=kernel)
-    assert engine.kernel == kernel
+    engine = DecodeEngine(model, batch=3, max_len=12, g_source=g_source, g_cache=gfile, kernel=kernel,
+                          attention=attention)
+    assert (engine.kernel, engine.attention) == (kernel, attention)
     kv = KVCache.for_model(model, 3, 12)
     gc = GCache.for_model(model, 3) if g_source == "prefill" else gfile
     ref = model(prompt, kv_cache=kv, g_cache=gc).logits[:, -1]
@@ -62,18 +67,21 @@ def test_decode_step_runs_the_layers_own_metric_path():
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("g_mode,g_source,kernel", [
-    ("learned", "prefill", "torch"), ("learned", "file", "torch"), ("learned", "none", "torch"),
-    ("identity", "none", "torch"), ("learned", "prefill", "triton"), ("random", "none", "triton"),
+@pytest.mark.parametrize("g_mode,g_source,kernel,attention", [
+    ("learned", "prefill", "torch", "torch"), ("learned", "file", "torch", "torch"),
+    ("learned", "none", "torch", "torch"), ("identity", "none", "torch", "torch"),
+    ("learned", "prefill", "triton", "triton"), ("random", "none", "triton", "torch"),
+    ("identity", "none", "torch", "triton"),
 ])
-def test_rows_at_their_own_positions_decode_as_each_row_alone(g_mode, g_source, kernel):
+def test_rows_at_their_own_positions_decode_as_each_row_alone(g_mode, g_source, kernel, attention):
     # Continuous batching: rows prefilled one at a time with prompts of different lengths, then stepped
     # together, each at its own position, give each row the logits of its own eager forward.
     model = tiny_model(g_mode)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(4, 64, (n,), generator=gen) for n in (3, 6, 1)]
     gfile = _file_cache(model, prompts[1][None]) if g_source == "file" else None
-    engine = DecodeEngine(model, batch=3, max_len=14, g_source=g_source, g_cache=gfile, kernel=kernel)
+    engine = DecodeEngine(model, batch=3, max_len=14, g_source=g_source, g_cache=gfile, kernel=kernel,
+                          attention=attention)
     refs = []
     for row, ids in enumerate(prompts):
         kv = KVCache.for_model(model, 1, 14)
