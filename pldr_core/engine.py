@@ -28,6 +28,9 @@ from pldr_core.sampling import Step, greedy
 
 G_SOURCES = ("file", "prefill", "none")
 
+# Prompts in one right-padded prefill forward (``DecodeEngine.prefill_rows``).
+PREFILL_CHUNK = 16
+
 
 class DecodeEngine:
     """Static-cache greedy/sampled decoding for ``batch`` rows of equal prompt length.
@@ -202,15 +205,27 @@ class DecodeEngine:
         Only where G_LM does not come from the prompt (a G-cache file, a frozen or identity G): attention
         is causal, so the padding after a prompt never reaches its positions (A, which sums over every
         position, would see it). The padded positions' keys are masked until a step overwrites them."""
-        if (self._gc is not None and self._gc.source == "prefill") or self.state.use_metric:
+        if not self.fixed_g:
             raise PLDRError("prompts whose G_LM comes from their own prefill are prefilled one at a time")
         if len(rows) != len(prompts) or len(set(rows)) != len(rows) or not all(
                 0 <= r < self.batch for r in rows):
             raise PLDRError(f"rows {rows} must be distinct rows of this engine's {self.batch}, one per prompt")
         lengths = [len(p) for p in prompts]
-        S = max(lengths)
-        if min(lengths) < 1 or S >= self.max_len:
+        if min(lengths) < 1 or max(lengths) >= self.max_len:
             raise PLDRError(f"prompt lengths must be between 1 and {self.max_len - 1} for this engine")
+        # A few prompts a forward: its logits cover every padded position.
+        n = PREFILL_CHUNK
+        return torch.cat([self._prefill_padded(rows[i:i + n], prompts[i:i + n]) for i in range(0, len(rows), n)])
+
+    @property
+    def fixed_g(self) -> bool:
+        """Whether G_LM is fixed before any prompt (a G-cache file, a frozen or identity G): then the
+        prompts of several rows may share one right-padded prefill (``prefill_rows``)."""
+        return not ((self._gc is not None and self._gc.source == "prefill") or self.state.use_metric)
+
+    def _prefill_padded(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+        lengths = [len(p) for p in prompts]
+        S = max(lengths)
         padded = torch.full((len(rows), S), self.model.config.pad_id, dtype=torch.long, device=self.device)
         for i, ids in enumerate(prompts):
             padded[i, :len(ids)] = ids.to(self.device)

@@ -1,8 +1,10 @@
-"""Generation's static-cache path: one ``DecodeEngine`` per prompt length, stepped in lockstep.
+"""Generation's static-cache path: one ``DecodeEngine`` for every prompt, each row at its own position.
 
 ``pldr_core.generate`` owns the decode loop (sampling, EOS, timing); this module supplies what the
-loop needs from the engines: the prefill's logits and a function that runs one decode step for the
-whole batch.
+loop needs from the engine: the prefill's logits and a function that runs one decode step for the
+whole batch. Prompts of one length are prefilled in one forward; prompts of mixed lengths row by row
+where G_LM comes from each prompt (A sums over every position, so padding would change it), else in
+right-padded forwards (``DecodeEngine.prefill_rows``). Every decode step is the one compiled step.
 """
 
 from __future__ import annotations
@@ -13,10 +15,6 @@ import torch
 
 from pldr_core.cache import GCache
 from pldr_core.engine import DecodeEngine
-
-# Distinct batch sizes the static engines compile for before falling back to uncompiled engines
-# (torch._dynamo's default recompile limit is 8; bench and earlier calls may hold some entries).
-MAX_ENGINE_SHAPES = 4
 
 
 def sync(device: torch.device) -> None:
@@ -45,53 +43,35 @@ def _g_source(model, g_cache: bool | GCache) -> tuple[str, GCache | None]:
 @torch.no_grad()
 def static_prefill(model, rows: list[torch.Tensor], *, max_new_tokens: int, g_cache: bool | GCache,
                    eos_id: int | None, stats, device: torch.device):
-    """Build the engines (compiling them on CUDA, timed into ``stats.compile_s``), prefill every row
-    (``stats.rows[b].prefill_ms``: its group's time) and return ``(logits [B, V], next_logits)``,
+    """Build the engine (compiling it on CUDA, timed into ``stats.compile_s``), prefill every row
+    (``stats.rows[b].prefill_ms``: the whole prefill's time) and return ``(logits [B, V], next_logits)``,
     where ``next_logits(step, chosen, active, previous)`` runs decode step ``step`` for all rows."""
-    B = len(rows)
+    lengths = [len(ids) for ids in rows]
     g_source, g_file = _g_source(model, g_cache)
-    groups: dict[int, list[int]] = {}
-    for b, ids in enumerate(rows):
-        groups.setdefault(len(ids), []).append(b)
-    # Every engine gets the same length, so the compiled step differs between groups only by batch
-    # size. Each distinct shape is one more compile of the same (fullgraph) step, and dynamo refuses
-    # past its recompile limit: beyond that many batch sizes the engines run uncompiled.
-    max_len = max(groups) + max_new_tokens
-    shapes = {len(members) for members in groups.values()}
-    use_compile = device.type == "cuda" and len(shapes) <= MAX_ENGINE_SHAPES
-    engines = []
-    for S, members in groups.items():
-        engine = DecodeEngine(model, batch=len(members), max_len=max_len, g_source=g_source,
-                              g_cache=g_file, compile=use_compile)
-        if use_compile and max_new_tokens > 1:
-            t0 = time.perf_counter()
-            engine.warm_up()
-            sync(device)
-            stats.compile_s += time.perf_counter() - t0
-        engines.append((S, torch.tensor(members, device=device), members, engine))
-
-    # Prefill: each group at once (equal lengths, so unpadded), into its engine's static caches.
-    logits = None
-    for S, idx, members, engine in engines:
+    use_compile = device.type == "cuda"
+    engine = DecodeEngine(model, batch=len(rows), max_len=max(lengths) + max_new_tokens, g_source=g_source,
+                          g_cache=g_file, compile=use_compile)
+    if use_compile and max_new_tokens > 1:
         t0 = time.perf_counter()
-        out = engine.prefill(torch.stack([rows[b] for b in members]))
+        engine.warm_up()
         sync(device)
-        ms = (time.perf_counter() - t0) * 1e3
-        for b in members:
-            stats.rows[b].prefill_ms = ms
-        if logits is None:
-            logits = out.new_empty(B, out.shape[-1])
-        logits.index_copy_(0, idx, out)
+        stats.compile_s += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if len(set(lengths)) == 1:
+        logits = engine.prefill(torch.stack(rows))
+    elif engine.fixed_g:
+        logits = engine.prefill_rows(list(range(len(rows))), rows)
+    else:
+        logits = torch.stack([engine.prefill_row(b, ids) for b, ids in enumerate(rows)])
+    sync(device)
+    ms = (time.perf_counter() - t0) * 1e3
+    for row in stats.rows:
+        row.prefill_ms = ms
+    positions = torch.tensor(lengths, device=device)
 
     def next_logits(step, chosen, active, previous):
         with torch.inference_mode(False), torch.no_grad():
-            feed = feed_ids(chosen, active, eos_id)
-            if len(engines) == 1:  # one prompt length: the rows are already in engine order
-                S, _, _, engine = engines[0]
-                return engine.step(feed, S + step - 1)
-            new = torch.empty_like(previous)
-            for S, idx, _, engine in engines:
-                new.index_copy_(0, idx, engine.step(feed.index_select(0, idx), S + step - 1))
-            return new
+            return engine.step_rows(feed_ids(chosen, active, eos_id), positions + (step - 1))
 
     return logits, next_logits

@@ -157,17 +157,27 @@ MIXED = PROMPTS + [[6, 1, 30], [19]]  # distinct lengths and two groups of equal
 
 @pytest.fixture
 def engine_calls(monkeypatch):
-    """Counts DecodeEngine prefills, so a test knows the engine really ran."""
+    """Records DecodeEngine prefills (which method, and the prompt lengths each got), so a test knows
+    the engine really ran, and how."""
     from pldr_core.engine import DecodeEngine
 
     calls = []
-    real = DecodeEngine.prefill
+    real = {name: getattr(DecodeEngine, name) for name in ("prefill", "prefill_row", "prefill_rows")}
 
-    def counting(self, prompt):
-        calls.append(tuple(prompt.shape))
-        return real(self, prompt)
+    def prefill(self, prompt):
+        calls.append(("prefill", (prompt.shape[1],) * prompt.shape[0]))
+        return real["prefill"](self, prompt)
 
-    monkeypatch.setattr(DecodeEngine, "prefill", counting)
+    def prefill_row(self, row, ids):
+        calls.append(("prefill_row", (len(ids),)))
+        return real["prefill_row"](self, row, ids)
+
+    def prefill_rows(self, rows, prompts):
+        calls.append(("prefill_rows", tuple(len(p) for p in prompts)))
+        return real["prefill_rows"](self, rows, prompts)
+
+    for name, fn in (("prefill", prefill), ("prefill_row", prefill_row), ("prefill_rows", prefill_rows)):
+        monkeypatch.setattr(DecodeEngine, name, fn)
     return calls
 
 
@@ -178,7 +188,11 @@ def test_compile_gives_the_eager_tokens(model, g, engine_calls):
     assert engine_calls == []
     stats = GenerationStats(rows=[])
     fast_t, fast_l = collect(model, MIXED, 10, g_cache=gc, compile=True, stats=stats)
-    assert sorted(engine_calls) == sorted([(2, 1), (2, 3), (1, 7), (1, 5)])  # one prefill per length
+    # One engine for every row: with G_LM from a file, the mixed lengths in one padded prefill; with
+    # G_LM from each prompt's A (its prefill, or the KV-cache's frozen A), each row alone.
+    lengths = tuple(len(p) for p in MIXED)
+    assert engine_calls == ([("prefill_rows", lengths)] if g == "file"
+                            else [("prefill_row", (n,)) for n in lengths])
     assert fast_t == eager_t
     for a, b in zip(fast_l, eager_l):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=0)

@@ -14,9 +14,6 @@ import torch
 from pldr_core.cache import GCache, KVCache
 from pldr_core.engine import DecodeEngine
 
-# Prompts prefilled in one forward by ``EngineStep`` (where they may share one).
-PREFILL_CHUNK = 16
-
 
 class DecodeStep(Protocol):
     """What the scheduler drives: the rows' caches, a prefill of some rows and an all-rows decode step."""
@@ -101,12 +98,9 @@ class EngineStep:
 
     @torch.no_grad()
     def prefill_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
-        if self.g_source == "prefill":
+        if not self.engine.fixed_g:
             return torch.stack([self.engine.prefill_row(row, ids) for row, ids in zip(rows, prompts)])
-        # A few prompts a forward: the forward's logits cover every padded position.
-        n = PREFILL_CHUNK
-        return torch.cat([self.engine.prefill_rows(rows[i:i + n], prompts[i:i + n])
-                          for i in range(0, len(rows), n)])
+        return self.engine.prefill_rows(rows, prompts)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.engine.step_rows(tokens, positions)
