@@ -26,6 +26,7 @@ import torch
 
 from pldr_core.sampling import Sampler
 from pldr_core.serve.steps import DecodeStep
+from pldr_core.serve.text import TextStream, plain_pieces
 
 log = logging.getLogger("pldr.serve")
 
@@ -75,48 +76,10 @@ class Job:
         self.cancelled.set()
 
 
-class _Text:
-    """The continuation's text, decoded a few tokens at a time (not the whole row every token), with
-    stop strings cut off; text that may still turn into a stop string or a UTF-8 character is held."""
-
-    CONTEXT = 4  # prompt tokens decoded with the first new ones, so SentencePiece keeps their space
-
-    def __init__(self, tokenizer, prompt: list[int], stop: tuple[str, ...]):
-        self.tok, self.stop = tokenizer, stop
-        self.ids = list(prompt[-self.CONTEXT:])
-        self.prefix, self.read = 0, len(self.ids)
-        self.text, self.sent, self.stopped = "", 0, False
-
-    def push(self, token: int, final: bool) -> str:
-        """Add ``token``; return the text now safe to send (all that is left when ``final``)."""
-        self.ids.append(token)
-        head = self.tok.decode(self.ids[self.prefix:self.read])
-        full = self.tok.decode(self.ids[self.prefix:])
-        if len(full) > len(head) and (final or not full.endswith("\ufffd")):
-            self.text += full[len(head):]
-            self.prefix, self.read = self.read, len(self.ids)
-        cuts = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
-        if cuts:
-            self.text, self.stopped, final = self.text[:min(cuts)], True, True
-        safe = len(self.text) if final else len(self.text) - self._held()
-        out, self.sent = self.text[self.sent:safe], max(self.sent, safe)
-        return out
-
-    def _held(self) -> int:
-        """Length of the longest tail of the text that begins some stop string."""
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text) - self.sent), best, -1):
-                if self.text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
-
-
 @dataclass
 class _Row:
     job: Job
-    text: _Text
+    text: TextStream
     new_ids: list[int] = field(default_factory=list)
 
     @property
@@ -130,6 +93,7 @@ class Scheduler:
 
     def __init__(self, step: DecodeStep, tokenizer, *, eos_id: int):
         self.step, self.tok, self.eos_id = step, tokenizer, eos_id
+        self._pieces = plain_pieces(tokenizer)
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._pending: collections.deque[Job] = collections.deque()
         self._rows: dict[int, _Row] = {}
@@ -213,7 +177,7 @@ class Scheduler:
                 self.counts["cancelled"] += 1
                 continue
             b = self._free.pop()
-            admitted[b] = self._rows[b] = _Row(job, _Text(self.tok, job.prompt, job.stop))
+            admitted[b] = self._rows[b] = _Row(job, TextStream(self.tok, job.prompt, job.stop, self._pieces))
         if not admitted:
             return
         try:
@@ -244,8 +208,9 @@ class Scheduler:
         greedy = [b for b, row in rows.items() if row.job.sampler.greedy]
         chosen = {}
         if greedy:
-            ids = logits[[at[b] for b in greedy]].argmax(-1).tolist()
-            chosen.update(zip(greedy, ids))
+            # One argmax over every row of the step (free ones too) beats gathering the greedy rows.
+            best = logits.argmax(-1).tolist()
+            chosen.update((b, best[at[b]]) for b in greedy)
         for b, row in rows.items():
             if b not in chosen:
                 chosen[b] = int(row.job.sampler(logits[at[b]:at[b] + 1])[0])
@@ -255,9 +220,9 @@ class Scheduler:
             while now - self._recent[0][0] > RATE_WINDOW_S:
                 self._recent.popleft()
         for b, row in rows.items():
-            self._accept(b, row, chosen[b], logits[at[b]])
+            self._accept(b, row, chosen[b], logits, at[b])
 
-    def _accept(self, b: int, row: _Row, token: int, logits: torch.Tensor) -> None:
+    def _accept(self, b: int, row: _Row, token: int, logits: torch.Tensor, at: int) -> None:
         job = row.job
         row.new_ids.append(token)
         self.counts["tokens"] += 1
@@ -269,7 +234,7 @@ class Scheduler:
         event = Event(index=job.index, text=text, token_ids=[token], finish_reason=finish,
                       prompt_tokens=len(job.prompt), completion_tokens=len(row.new_ids))
         if job.logprobs is not None:
-            event.logprobs.append(self._logprob(token, logits, job.logprobs, offset))
+            event.logprobs.append(self._logprob(token, logits[at], job.logprobs, offset))
         _send(job, event)
         if finish is not None:
             self._free_row(b, "finished")
