@@ -32,7 +32,41 @@ from pldr_core.gcache import read_gcache
 from pldr_core.prompts import find_tokenizer
 from pldr_core.tasks import avg0, expand_tasks, plan_tasks
 
-__all__ = ["PLDRLM", "EvalReport", "Progress", "results_json", "run_eval", "score_rows", "score_windows"]
+__all__ = ["PLDRLM", "EvalReport", "Progress", "RequestTimer", "results_json", "run_eval", "score_rows",
+           "score_windows"]
+
+
+class RequestTimer:
+    """Counts the loglikelihood requests (rolling ones too) an lm-eval model scores and the seconds it
+    spends on them, tokenizing included: it wraps the instance's two methods, so it times any lm-eval
+    model alike, ours or lm-eval's own ``hf`` one. Each scoring call returns Python floats, so the
+    device has finished when the clock stops."""
+
+    METHODS = ("loglikelihood", "loglikelihood_rolling")
+
+    def __init__(self, lm):
+        self.requests = 0
+        self.seconds = 0.0
+        for name in self.METHODS:
+            setattr(lm, name, self._wrap(getattr(lm, name)))
+
+    def _wrap(self, method):
+        def timed(requests, *args, **kwargs):
+            t0 = time.perf_counter()
+            out = method(requests, *args, **kwargs)
+            self.seconds += time.perf_counter() - t0
+            self.requests += len(requests)
+            return out
+        return timed
+
+    def reset(self) -> None:
+        self.requests, self.seconds = 0, 0.0
+
+    def figures(self) -> dict:
+        """{"requests", "scoring_s", "requests_per_s"} so far (requests_per_s None before any)."""
+        rate = self.requests / self.seconds if self.seconds > 0 else None
+        return {"requests": self.requests, "scoring_s": round(self.seconds, 4),
+                "requests_per_s": None if rate is None else round(rate, 2)}
 
 
 @dataclasses.dataclass
@@ -48,6 +82,8 @@ class EvalReport:
     offline: bool
     data_dir: str | None
     wall_s: float
+    throughput: dict | None = None
+    """``RequestTimer.figures()`` of the first run (without the G-cache when comparing)."""
 
     @property
     def avg0(self) -> dict | None:
@@ -222,28 +258,31 @@ def run_eval(model_path: str | Path, tasks: str | list[str], *, gcache: str | Pa
 
             lm = PLDRLM(model=model, tokenizer=tok, gcache=g_main, batch_size=batch_size,
                         progress=progress)
+            timer = RequestTimer(lm)
+            speeds = []
 
             def run():
-                return simple_evaluate(model=lm, tasks=list(task_objs), task_manager=tm, limit=limit,
-                                       log_samples=False, batch_size=batch_size, device=str(dev))
+                timer.reset()
+                with _quiet_git_hash():
+                    out = simple_evaluate(model=lm, tasks=list(task_objs), task_manager=tm, limit=limit,
+                                          log_samples=False, batch_size=batch_size, device=str(dev))
+                speeds.append(timer.figures())
+                return out
 
-            with _quiet_git_hash():
-                results = run()
+            results = run()
             compare = None
             if g_cmp is not None:
                 lm.gcache = g_cmp
-                with _quiet_git_hash():
-                    compare = run()
+                compare = run()
     wall = time.perf_counter() - t0
     meta = {"model": str(model_path), "gcache": str(gcache) if gcache else None,
             "compare_gcache": str(compare_gcache) if compare_gcache else None,
             "offline": plan.offline, "data_dir": str(plan.data_dir) if plan.data_dir else None,
             "skipped": skipped, "wall_s": round(wall, 3), "limit": limit, "batch_size": batch_size}
-    for r in (results, compare):
-        if r is not None:
-            r["pldr"] = meta
+    for r, speed in zip((results, compare), speeds):
+        r["pldr"] = {**meta, **speed}  # each run's own requests, scoring seconds and requests/s
     report = EvalReport(results=results, compare=compare, skipped=skipped, ran=ran, offline=plan.offline,
-                        data_dir=meta["data_dir"], wall_s=wall)
+                        data_dir=meta["data_dir"], wall_s=wall, throughput=speeds[0])
     if output is not None:
         atomic_write_text(output, results_json(report))
     return report

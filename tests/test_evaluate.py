@@ -212,6 +212,13 @@ def test_pldr_eval_on_local_tasks(model_dir, tmp_path, monkeypatch, gcache_file)
     assert 0.0 <= r["pldr_tiny_mc"]["acc,none"] <= 1.0 and "acc_norm,none" in r["pldr_tiny_mc"]
     assert r["pldr_tiny_ppl"]["word_perplexity,none"] > 1.0
     assert data["n-samples"]["pldr_tiny_mc"] == {"original": 4, "effective": 3}
+    speed = data["pldr"]
+    # One request per choice of the 3 questions and one per perplexity text; generation is not counted.
+    choices = sum(len(json.loads(line)["choices"]) for line in
+                  (DATA / "tiny_mc.jsonl").read_text().splitlines()[:3])
+    texts = len((DATA / "tiny_ppl.jsonl").read_text().splitlines()[:3])
+    assert speed["requests"] == choices + texts and speed["scoring_s"] > 0
+    assert speed["requests_per_s"] == pytest.approx(speed["requests"] / speed["scoring_s"], rel=1e-2)
     # --compare-gcache: both columns, their difference
     res = _cli(["eval", model_dir, "--tasks", DATA / "tiny_mc.yaml", "--compare-gcache", gcache_file,
                 "--json"])
