@@ -83,7 +83,8 @@ def time_hf(hf_dir: Path, args) -> dict:
     lm = get_model("hf").create_from_arg_string(f"pretrained={hf_dir},dtype=float32",
                                                 {"batch_size": args.batch_size, "device": args.device})
     timer = RequestTimer(lm)
-    with prepared_tasks(expand_tasks(args.tasks), offline=True if args.offline else None) as prep:
+    with prepared_tasks(expand_tasks(args.tasks), data_dir=args.data_dir,
+                        offline=True if args.offline else None) as prep:
         results = simple_evaluate(model=lm, tasks=list(prep.tasks), task_manager=prep.task_manager,
                                   limit=args.limit, batch_size=args.batch_size, device=args.device,
                                   log_samples=False)
@@ -93,7 +94,7 @@ def time_hf(hf_dir: Path, args) -> dict:
 def time_pldr(pldr_dir: Path, args, gcache: Path | None = None) -> dict:
     t0 = time.perf_counter()
     report = run_eval(pldr_dir, args.tasks, gcache=gcache, batch_size=args.batch_size, limit=args.limit,
-                      device=args.device, offline=True if args.offline else None)
+                      device=args.device, data_dir=args.data_dir, offline=True if args.offline else None)
     return {**report.throughput, "wall_s": round(time.perf_counter() - t0, 3), "scores": report.rows()}
 
 
@@ -113,6 +114,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, help="SentencePiece model (default: trained here)")
     ap.add_argument("--gcache", action="store_true", help="also time ours with a G-cache file")
     ap.add_argument("--offline", action="store_true", help="local task data only (no hub probe)")
+    ap.add_argument("--data-dir", type=Path, help="offline task data folder (as `pldr eval --data-dir`)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     if args.limit is not None and args.limit >= 1:
