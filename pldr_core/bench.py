@@ -4,7 +4,8 @@ Training: tokens/s (and MFU on GPU) of learned-G against identity-G at the same 
 optimizer step each (bf16 autocast on GPU with fp32 master weights, AdamW, clipping by value).
 Decoding: tokens/s at batch 1 and a larger batch for no cache, KV, KV+G from the prefill and KV+G from a
 G-cache file, with the eager mechanism (``decode_steps``) and with the static-cache engine
-(``pldr_core.engine``, compiled with CUDA graphs on GPU), and identity-G in the same engine.
+(``pldr_core.engine``, compiled with CUDA graphs on GPU), identity-G in the same engine, and a
+same-shape Hugging Face Llama on transformers' static cache as the general tools' peer.
 
 Timings: warm-up first, ``torch.cuda.synchronize`` around every timed region, random token inputs.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pldr_core.bench_peer import PEER_NAME, HFPeer, load_transformers
 from pldr_core.build import build_model
 from pldr_core.cache import GCache
 from pldr_core.checkpoint import fingerprint
@@ -146,9 +148,6 @@ def bench_train_one(config: PLDRConfig, dev: torch.device, *, batch: int, seq_le
     }
     if cuda:
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
-    del model, opt, fwd
-    if cuda:
-        torch.cuda.empty_cache()
     return result
 
 
@@ -166,6 +165,8 @@ def bench_train(config: PLDRConfig, dev: torch.device, *, batch: int, seq_len: i
         out[g_mode] = bench_train_one(config.replace(g_mode=g_mode), dev, batch=batch, seq_len=seq_len,
                                       steps=steps, warmup=warmup, compile=compile,
                                       compile_mode=compile_mode, metric_precision=metric_precision)
+        if dev.type == "cuda":  # the model and optimizer went with bench_train_one's frame
+            torch.cuda.empty_cache()
     out["ratio_learned_identity"] = out["learned"]["tokens_per_s"] / out["identity"]["tokens_per_s"]
     return out
 
@@ -192,16 +193,66 @@ def _file_gcache(model, tmp: Path):
     return read_gcache(path, model=model).to(device=dev)
 
 
+def _eager_row(learned, identity, gfile, prompt, new_tokens: int, dev, log) -> dict:
+    """One timing per eager ``decode_steps`` mechanism, after a short warm-up."""
+    cases = {
+        "no_cache": (learned, dict(kv_cache=False, g_cache=False)),
+        "kv": (learned, dict(kv_cache=True, g_cache=False)),
+        "kv_g_prefill": (learned, dict(kv_cache=True, g_cache=True)),
+        "kv_g_file": (learned, dict(kv_cache=True, g_cache=gfile)),
+        "identity_kv": (identity, dict(kv_cache=True, g_cache=False)),
+    }
+    B, S = prompt.shape
+    row = {}
+    for name, (model, kw) in cases.items():
+        log(f"decode eager {name}: batch {B}, {S}+{new_tokens} tokens")
+        for _ in decode_steps(model, prompt, 2, **kw):  # warm-up
+            pass
+        row[name] = _timed(dev, lambda: [None for _ in decode_steps(model, prompt, new_tokens, **kw)],
+                           new_tokens, B)
+    return row
+
+
+def _warm(decoder, prompt, new_tokens: int, dev) -> float:
+    """Warm a decoder up (compile, record its graphs): two short runs; returns their seconds."""
+    t0 = time.perf_counter()
+    decoder.generate(prompt, min(new_tokens, 8))
+    decoder.generate(prompt, min(new_tokens, 8))
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
+def _take_turns(decoders: dict, prompt, new_tokens: int, repeats: int, dev) -> tuple[dict, dict]:
+    """One generate is short on a GPU, so single timings are noisy: the decoders take turns, and each
+    figure is the median of its turns. Returns ({name: median figures}, {name: last tokens})."""
+    runs: dict[str, list[dict]] = {name: [] for name in decoders}
+    toks = {}
+    B = prompt.shape[0]
+    for _ in range(repeats):
+        for name, dec in decoders.items():
+            def run(name=name, dec=dec):
+                toks[name] = dec.generate(prompt, new_tokens)
+            runs[name].append(_timed(dev, run, new_tokens, B))
+    medians = {}
+    for name, rs in runs.items():
+        speeds = sorted(r["tokens_per_s"] for r in rs)
+        medians[name] = dict(tokens_per_s=statistics.median(speeds),
+                             seconds=statistics.median(r["seconds"] for r in rs), runs_tokens_per_s=speeds)
+    return medians, toks
+
+
 def bench_decode(config: PLDRConfig, dev: torch.device, *, batches: list[int], prompt_len: int,
-                 new_tokens: int, compile: bool, eager: bool = True, repeats: int = 5,
+                 new_tokens: int, compile: bool, eager: bool = True, repeats: int = 5, peer: bool = True,
                  log: Callable[[str], None] = lambda s: None) -> dict:
     """Decoding tokens/s per mechanism (eager: one timing each; engine: the median of ``repeats``
-    interleaved timings) and the G-cache-file / identity-G ratios."""
+    interleaved timings), the G-cache-file / identity-G ratios and, with ``peer``, a same-shape Hugging
+    Face Llama on transformers' static cache timed in the same turns (``pldr_core.bench_peer``)."""
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     learned = cast_for_inference(_build(config.replace(g_mode="learned"), dev, 0), dtype).eval()
     identity = cast_for_inference(_build(config.replace(g_mode="identity"), dev, 0), dtype).eval()
     out = {"prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": str(dtype).replace("torch.", ""),
            "compile": compile, "batches": list(batches), "engine_repeats": repeats}
+    has_peer = peer and load_transformers() is not None
     gen = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         gfile = _file_gcache(learned, Path(tmp))
@@ -209,20 +260,7 @@ def bench_decode(config: PLDRConfig, dev: torch.device, *, batches: list[int], p
             prompt = torch.randint(4, config.vocab_size, (B, prompt_len), generator=gen).to(dev)
             row: dict = {}
             if eager:
-                cases = {
-                    "no_cache": (learned, dict(kv_cache=False, g_cache=False)),
-                    "kv": (learned, dict(kv_cache=True, g_cache=False)),
-                    "kv_g_prefill": (learned, dict(kv_cache=True, g_cache=True)),
-                    "kv_g_file": (learned, dict(kv_cache=True, g_cache=gfile)),
-                    "identity_kv": (identity, dict(kv_cache=True, g_cache=False)),
-                }
-                row["eager"] = {}
-                for name, (model, kw) in cases.items():
-                    log(f"decode eager {name}: batch {B}, {prompt_len}+{new_tokens} tokens")
-                    for _ in decode_steps(model, prompt, 2, **kw):  # warm-up
-                        pass
-                    row["eager"][name] = _timed(dev, lambda: [None for _ in decode_steps(
-                        model, prompt, new_tokens, **kw)], new_tokens, B)
+                row["eager"] = _eager_row(learned, identity, gfile, prompt, new_tokens, dev, log)
             engines = {} if compile else {"kv": (learned, dict(g_source="none"))}
             engines.update({
                 "kv_g_prefill": (learned, dict(g_source="prefill")),
@@ -233,28 +271,22 @@ def bench_decode(config: PLDRConfig, dev: torch.device, *, batches: list[int], p
             built = {}
             for name, (model, kw) in engines.items():
                 log(f"decode engine {name}: batch {B}" + (" (compiling)" if compile else ""))
-                eng = DecodeEngine(model, batch=B, max_len=prompt_len + new_tokens, compile=compile, **kw)
-                t0 = time.perf_counter()
-                eng.generate(prompt, min(new_tokens, 8))  # warm-up: compile and record the graph
-                eng.generate(prompt, min(new_tokens, 8))
-                _sync(dev)
-                built[name] = eng
-                row["engine"][name] = {"warmup_s": time.perf_counter() - t0, "kernel": eng.kernel}
-            # One generate is short on a GPU, so single timings are noisy: the engines take turns, and
-            # each figure is the median of its turns.
-            runs: dict[str, list[dict]] = {name: [] for name in built}
-            toks = {}
-            for _ in range(repeats):
-                for name, eng in built.items():
-                    def run(name=name, eng=eng):
-                        toks[name] = eng.generate(prompt, new_tokens)
-                    runs[name].append(_timed(dev, run, new_tokens, B))
+                built[name] = DecodeEngine(model, batch=B, max_len=prompt_len + new_tokens, compile=compile,
+                                           **kw)
+                row["engine"][name] = {"warmup_s": _warm(built[name], prompt, new_tokens, dev),
+                                       "kernel": built[name].kernel}
+            if has_peer:
+                log(f"decode peer {PEER_NAME}: batch {B}" + (" (compiling)" if compile else ""))
+                hf = HFPeer(config, dev, dtype, max_len=prompt_len + new_tokens, compile=compile)
+                row["peer"] = {"name": PEER_NAME, "transformers": hf.version, "params": hf.params,
+                               "warmup_s": _warm(hf, prompt, new_tokens, dev)}
+                built[PEER_NAME] = hf
+            elif peer:
+                row["peer"] = {"skipped": "transformers is not installed"}
+            medians, toks = _take_turns(built, prompt, new_tokens, repeats, dev)
             reference = None
             for name, (model, _) in engines.items():
-                speeds = sorted(r["tokens_per_s"] for r in runs[name])
-                row["engine"][name].update(
-                    tokens_per_s=statistics.median(speeds), seconds=statistics.median(
-                        r["seconds"] for r in runs[name]), runs_tokens_per_s=speeds)
+                row["engine"][name].update(medians[name])
                 if model is learned and name != "kv_g_file":
                     # KV alone and KV+G (prefill) give the same greedy tokens; in bf16
                     # a late near-tie can flip, so this is reported, not asserted. (A file's G comes
@@ -264,10 +296,15 @@ def bench_decode(config: PLDRConfig, dev: torch.device, *, batches: list[int], p
                     row["engine"][name]["same_tokens_as_first"] = bool((toks[name] == reference).all())
             del built
             ident = row["engine"]["identity_kv"]["tokens_per_s"]
-            row["ratio_gfile_identity"] = row["engine"]["kv_g_file"]["tokens_per_s"] / ident
+            gfile_speed = row["engine"]["kv_g_file"]["tokens_per_s"]
+            row["ratio_gfile_identity"] = gfile_speed / ident
             if eager:
                 row["ratio_gfile_identity_eager"] = (row["eager"]["kv_g_file"]["tokens_per_s"]
                                                      / row["eager"]["identity_kv"]["tokens_per_s"])
+            if has_peer:
+                row["peer"].update(medians[PEER_NAME])
+                row["ratio_identity_peer"] = ident / medians[PEER_NAME]["tokens_per_s"]
+                row["ratio_gfile_peer"] = gfile_speed / medians[PEER_NAME]["tokens_per_s"]
             out[f"batch_{B}"] = row
     return out
 
@@ -289,7 +326,7 @@ def run_bench(what: str = "all", *, preset: str = "tiny", device: str = "auto", 
               compile_mode: str | None = None, metric_precision: str = DEFAULT_METRIC_PRECISION,
               decode_batch: int | None = None, prompt_len: int | None = None,
               new_tokens: int | None = None, eager_decode: bool = True, repeats: int | None = None,
-              log: Callable[[str], None] = lambda s: None) -> dict:
+              peer: bool = True, log: Callable[[str], None] = lambda s: None) -> dict:
     """Run the benchmark; returns {"train": ..., "decode": ..., "device": ..., "torch": ...}."""
     if what not in WHATS:
         raise PLDRError(f"unknown benchmark {what!r}; choose one of {', '.join(WHATS)}")
@@ -326,5 +363,5 @@ def run_bench(what: str = "all", *, preset: str = "tiny", device: str = "auto", 
         batches = sorted({1, decode_batch or d["decode_batch"]})
         result["decode"] = bench_decode(config, dev, batches=batches, prompt_len=prompt_len,
                                         new_tokens=new_tokens, compile=compile, eager=eager_decode,
-                                        repeats=repeats or d["decode_repeats"], log=log)
+                                        repeats=repeats or d["decode_repeats"], peer=peer, log=log)
     return result

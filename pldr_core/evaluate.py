@@ -32,7 +32,41 @@ from pldr_core.gcache import read_gcache
 from pldr_core.prompts import find_tokenizer
 from pldr_core.tasks import avg0, expand_tasks, plan_tasks
 
-__all__ = ["PLDRLM", "EvalReport", "Progress", "results_json", "run_eval", "score_rows", "score_windows"]
+__all__ = ["PLDRLM", "EvalReport", "PreparedTasks", "Progress", "RequestTimer", "prepared_tasks",
+           "results_json", "run_eval", "score_rows", "score_windows"]
+
+
+class RequestTimer:
+    """Counts the loglikelihood requests (rolling ones too) an lm-eval model scores and the seconds it
+    spends on them, tokenizing included: it wraps the instance's two methods, so it times any lm-eval
+    model alike, ours or lm-eval's own ``hf`` one. Each scoring call returns Python floats, so the
+    device has finished when the clock stops."""
+
+    METHODS = ("loglikelihood", "loglikelihood_rolling")
+
+    def __init__(self, lm):
+        self.requests = 0
+        self.seconds = 0.0
+        for name in self.METHODS:
+            setattr(lm, name, self._wrap(getattr(lm, name)))
+
+    def _wrap(self, method):
+        def timed(requests, *args, **kwargs):
+            t0 = time.perf_counter()
+            out = method(requests, *args, **kwargs)
+            self.seconds += time.perf_counter() - t0
+            self.requests += len(requests)
+            return out
+        return timed
+
+    def reset(self) -> None:
+        self.requests, self.seconds = 0, 0.0
+
+    def figures(self) -> dict:
+        """{"requests", "scoring_s", "requests_per_s"} so far (requests_per_s None before any)."""
+        rate = self.requests / self.seconds if self.seconds > 0 else None
+        return {"requests": self.requests, "scoring_s": round(self.seconds, 4),
+                "requests_per_s": None if rate is None else round(rate, 2)}
 
 
 @dataclasses.dataclass
@@ -48,6 +82,8 @@ class EvalReport:
     offline: bool
     data_dir: str | None
     wall_s: float
+    throughput: dict | None = None
+    """``RequestTimer.figures()`` of the first run (without the G-cache when comparing)."""
 
     @property
     def avg0(self) -> dict | None:
@@ -167,6 +203,41 @@ def load_tasks(names: list[str], task_manager) -> tuple[list, dict[str, str]]:
     return objs, skipped
 
 
+@dataclasses.dataclass
+class PreparedTasks:
+    """lm-eval tasks ready for ``simple_evaluate`` (``prepared_tasks``)."""
+
+    task_manager: object
+    tasks: list
+    """Task objects (or group names) that loaded."""
+    ran: list[str]
+    skipped: dict[str, str]
+    plan: object
+    """The ``pldr_core.tasks.TaskPlan`` they came from."""
+
+
+@contextlib.contextmanager
+def prepared_tasks(names: list[str], *, data_dir=None, offline: bool | None = None):
+    """Plan ``names`` (``plan_tasks``: online, or offline from local data), build lm-eval's TaskManager
+    over the generated task files and load every task once; yields ``PreparedTasks`` inside the offline
+    environment (run lm-eval there). PLDRError when no task can run."""
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory(prefix="pldr-eval-") as work:
+        plan = plan_tasks(names, work_dir=work, data_dir=data_dir, offline=offline)
+        with _offline_env(plan.offline):
+            tm = TaskManager(include_path=str(plan.include_path) if plan.include_path else None,
+                             include_defaults=plan.needs_builtin_index)
+            task_objs, failed = load_tasks(plan.tasks, tm)
+            skipped = {**plan.skipped, **failed}
+            skipped = {n: skipped[n] for n in names if n in skipped}
+            if not task_objs:
+                reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+                raise PLDRError(f"no task can run ({reasons})")
+            ran = [t if isinstance(t, str) else t.config.task for t in task_objs]
+            yield PreparedTasks(task_manager=tm, tasks=task_objs, ran=ran, skipped=skipped, plan=plan)
+
+
 def run_eval(model_path: str | Path, tasks: str | list[str], *, gcache: str | Path | None = None,
              compare_gcache: str | Path | None = None, force: bool = False, batch_size: int = 8,
              limit: int | float | None = None, device: str | None = "auto",
@@ -181,7 +252,6 @@ def run_eval(model_path: str | Path, tasks: str | list[str], *, gcache: str | Pa
     where to write ``results_json`` of the report (atomically).
     """
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     if gcache is not None and compare_gcache is not None:
         raise PLDRError("--gcache and --compare-gcache exclude each other (compare scores both ways)")
@@ -205,45 +275,36 @@ def run_eval(model_path: str | Path, tasks: str | list[str], *, gcache: str | Pa
     model = load_model(model_path, device=dev, dtype=torch.float32)
     g_main = read_gcache(gcache, model, force=force) if gcache is not None else None
     g_cmp = read_gcache(compare_gcache, model, force=force) if compare_gcache is not None else None
-    with tempfile.TemporaryDirectory(prefix="pldr-eval-") as work:
-        plan = plan_tasks(names, work_dir=work, data_dir=data_dir, offline=offline)
-        with _offline_env(plan.offline):
-            tm = TaskManager(include_path=str(plan.include_path) if plan.include_path else None,
-                             include_defaults=plan.needs_builtin_index)
-            task_objs, failed = load_tasks(plan.tasks, tm)
-            skipped = {**plan.skipped, **failed}
-            skipped = {n: skipped[n] for n in names if n in skipped}
-            if not task_objs:
-                reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
-                raise PLDRError(f"no task can run ({reasons})")
-            ran = [t if isinstance(t, str) else t.config.task for t in task_objs]
-            if on_plan is not None:
-                on_plan(ran, skipped, plan)
+    with prepared_tasks(names, data_dir=data_dir, offline=offline) as prep:
+        plan, skipped, ran = prep.plan, prep.skipped, prep.ran
+        if on_plan is not None:
+            on_plan(ran, skipped, plan)
+        lm = PLDRLM(model=model, tokenizer=tok, gcache=g_main, batch_size=batch_size, progress=progress)
+        timer = RequestTimer(lm)
+        speeds = []
 
-            lm = PLDRLM(model=model, tokenizer=tok, gcache=g_main, batch_size=batch_size,
-                        progress=progress)
-
-            def run():
-                return simple_evaluate(model=lm, tasks=list(task_objs), task_manager=tm, limit=limit,
-                                       log_samples=False, batch_size=batch_size, device=str(dev))
-
+        def run():
+            timer.reset()
             with _quiet_git_hash():
-                results = run()
-            compare = None
-            if g_cmp is not None:
-                lm.gcache = g_cmp
-                with _quiet_git_hash():
-                    compare = run()
+                out = simple_evaluate(model=lm, tasks=list(prep.tasks), task_manager=prep.task_manager,
+                                      limit=limit, log_samples=False, batch_size=batch_size, device=str(dev))
+            speeds.append(timer.figures())
+            return out
+
+        results = run()
+        compare = None
+        if g_cmp is not None:
+            lm.gcache = g_cmp
+            compare = run()
     wall = time.perf_counter() - t0
     meta = {"model": str(model_path), "gcache": str(gcache) if gcache else None,
             "compare_gcache": str(compare_gcache) if compare_gcache else None,
             "offline": plan.offline, "data_dir": str(plan.data_dir) if plan.data_dir else None,
             "skipped": skipped, "wall_s": round(wall, 3), "limit": limit, "batch_size": batch_size}
-    for r in (results, compare):
-        if r is not None:
-            r["pldr"] = meta
+    for r, speed in zip((results, compare), speeds):
+        r["pldr"] = {**meta, **speed}  # each run's own requests, scoring seconds and requests/s
     report = EvalReport(results=results, compare=compare, skipped=skipped, ran=ran, offline=plan.offline,
-                        data_dir=meta["data_dir"], wall_s=wall)
+                        data_dir=meta["data_dir"], wall_s=wall, throughput=speeds[0])
     if output is not None:
         atomic_write_text(output, results_json(report))
     return report

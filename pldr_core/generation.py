@@ -3,6 +3,7 @@ and one record per prompt out. The CLI only parses the request and renders the e
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,10 +81,26 @@ class RowDone:
 
 @dataclass
 class GenerationResult:
-    """One record per prompt (the keys of `pldr generate --json`) and the batch's decode rate."""
+    """One record per prompt (the keys of `pldr generate --json`), the batch's decode rate and the
+    whole run's totals (also in every record)."""
 
     records: list[dict]
     batch_decode_tokens_per_s: float | None
+    total_new_tokens: int = 0
+    """New tokens of all prompts together."""
+    total_seconds: float = 0.0
+    """Wall time from the loaded model to the last token: compiling, every prefill and every decode
+    step; not loading, nor the G-cache fidelity check that follows."""
+    compile_s: float = 0.0
+
+    @property
+    def total_tokens_per_s(self) -> float | None:
+        return self.total_new_tokens / self.total_seconds if self.total_seconds > 0 else None
+
+    @property
+    def total_tokens_per_s_excluding_compile(self) -> float | None:
+        run = self.total_seconds - self.compile_s
+        return self.total_new_tokens / run if run > 0 else None
 
 
 @dataclass
@@ -152,6 +169,7 @@ def run_generation(req: GenerationRequest) -> Iterator[Started | TextDelta | Row
     finish: list[str | None] = [None] * len(prompts)
     stats = GenerationStats(rows=[])
     printed = ""
+    t0 = time.perf_counter()
     for t in generate(net, prompts, max_new_tokens=req.max_new_tokens, kv_cache=req.kv_cache,
                       g_cache=gc if gc is not None else req.g_cache, sampler=plan.sampler,
                       eos_id=net.config.eos_id, stats=stats, compile=use_compile):
@@ -167,10 +185,11 @@ def run_generation(req: GenerationRequest) -> Iterator[Started | TextDelta | Row
             if deltas:  # what was held back or, without a tokenizer, the ids
                 yield TextDelta(row=0, text=text[len(printed):] if text.startswith(printed) else text)
             yield RowDone(row=t.row, prompt=plan.labels[t.row], text=text)
-    yield _result(req, plan, net, gc, new_ids, finish, stats, use_compile)
+    total_s = time.perf_counter() - t0
+    yield _result(req, plan, net, gc, new_ids, finish, stats, use_compile, total_s)
 
 
-def _result(req, plan, net, gc, new_ids, finish, stats, use_compile) -> GenerationResult:
+def _result(req, plan, net, gc, new_ids, finish, stats, use_compile, total_s) -> GenerationResult:
     """The records of `pldr generate --json`, one per prompt, with the G-cache file's fidelity."""
     has_metric = net.config.has_metric_path
     g_state = ("file" if gc is not None else "prefill" if req.g_cache else "off") if has_metric else "n/a"
@@ -178,7 +197,13 @@ def _result(req, plan, net, gc, new_ids, finish, stats, use_compile) -> Generati
                                                 "top_p": req.top_p, "seed": req.seed}
     batch_rate = stats.decode_tokens_per_s
     batch_rate = None if batch_rate is None else round(batch_rate, 2)
-    records = []
+    result = GenerationResult(records=[], batch_decode_tokens_per_s=stats.decode_tokens_per_s,
+                              total_new_tokens=sum(len(ids) for ids in new_ids), total_seconds=total_s,
+                              compile_s=stats.compile_s)
+    totals = {"total_new_tokens": result.total_new_tokens, "total_seconds": round(total_s, 6)}
+    for key in ("total_tokens_per_s", "total_tokens_per_s_excluding_compile"):
+        value = getattr(result, key)
+        totals[key] = None if value is None else round(value, 2)
     for b, ids in enumerate(plan.prompts):
         timing = stats.rows[b]
         rate = timing.decode_tokens_per_s
@@ -203,5 +228,6 @@ def _result(req, plan, net, gc, new_ids, finish, stats, use_compile) -> Generati
             row["gcache_fidelity"] = gcache_fidelity(net, ids, gc)
         row["batch_size"] = len(plan.prompts)
         row["batch_decode_tokens_per_s"] = batch_rate
-        records.append(row)
-    return GenerationResult(records=records, batch_decode_tokens_per_s=stats.decode_tokens_per_s)
+        row.update(totals)  # the whole run's, the same in every record
+        result.records.append(row)
+    return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -93,3 +94,65 @@ def test_cli_bench_bad_input_is_one_line_exit_2(tmp_path):
     assert res.exit_code == 2 and "unknown preset" in res.output
     res = CliRunner().invoke(app, ["bench", "--device", "cpu", "--json", str(tmp_path)])
     assert res.exit_code == 2
+
+
+PEER_RUN = dict(SMALL, decode_batch=2, new_tokens=3, eager_decode=False, repeats=2)
+
+
+def test_peer_row_times_a_same_shape_llama_in_the_same_turns():
+    pytest.importorskip("transformers")
+    d = run_bench("decode", **PEER_RUN)["decode"]
+    for B in (1, 2):
+        row = d[f"batch_{B}"]
+        peer = row["peer"]
+        assert peer["name"] == "hf-llama-static" and peer["transformers"]
+        assert _positive(peer["tokens_per_s"]) and len(peer["runs_tokens_per_s"]) == 2
+        assert min(peer["runs_tokens_per_s"]) <= peer["tokens_per_s"] <= max(peer["runs_tokens_per_s"])
+        ours = {k: v["tokens_per_s"] for k, v in row["engine"].items()}
+        assert row["ratio_identity_peer"] == pytest.approx(ours["identity_kv"] / peer["tokens_per_s"])
+        assert row["ratio_gfile_peer"] == pytest.approx(ours["kv_g_file"] / peer["tokens_per_s"])
+
+
+def test_peer_is_the_presets_shape():
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from pldr_core.bench_peer import HFPeer
+
+    cfg = preset("tiny")
+    hf = HFPeer(cfg, torch.device("cpu"), torch.float32, max_len=8, compile=False)
+    c = hf.model.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.vocab_size) == (
+        cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.dff, cfg.vocab_size)
+    assert not c.tie_word_embeddings and isinstance(hf.model, transformers.LlamaForCausalLM)
+    prompt = torch.randint(4, cfg.vocab_size, (2, 3))
+    first = hf.generate(prompt, 5)
+    assert first.shape == (2, 5)
+    assert torch.equal(hf.generate(prompt, 5), first)  # the reused static cache is reset between runs
+
+
+def test_peer_is_skipped_cleanly_without_transformers(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    d = run_bench("decode", **{**PEER_RUN, "decode_batch": 1})["decode"]
+    row = d["batch_1"]
+    assert row["peer"] == {"skipped": "transformers is not installed"}
+    assert "ratio_identity_peer" not in row and "ratio_gfile_peer" not in row
+    assert _positive(row["engine"]["identity_kv"]["tokens_per_s"])
+
+
+def test_no_peer_leaves_the_row_out():
+    d = run_bench("decode", **{**PEER_RUN, "decode_batch": 1}, peer=False)["decode"]
+    assert "peer" not in d["batch_1"] and "ratio_identity_peer" not in d["batch_1"]
+
+
+def test_cli_bench_shows_the_peer(tmp_path):
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(app, ["bench", "decode", "--preset", "tiny", "--device", "cpu", "--decode-batch",
+                                   "1", "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1",
+                                   "--no-eager-decode", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    peer = json.loads(out.read_text())["decode"]["batch_1"]["peer"]
+    if "skipped" in peer:
+        assert "peer   skipped: transformers is not installed" in res.output
+    else:
+        assert "hf-llama-static" in res.output and "ratio ours/peer" in res.output

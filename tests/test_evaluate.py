@@ -212,6 +212,13 @@ def test_pldr_eval_on_local_tasks(model_dir, tmp_path, monkeypatch, gcache_file)
     assert 0.0 <= r["pldr_tiny_mc"]["acc,none"] <= 1.0 and "acc_norm,none" in r["pldr_tiny_mc"]
     assert r["pldr_tiny_ppl"]["word_perplexity,none"] > 1.0
     assert data["n-samples"]["pldr_tiny_mc"] == {"original": 4, "effective": 3}
+    speed = data["pldr"]
+    # One request per choice of the 3 questions and one per perplexity text; generation is not counted.
+    choices = sum(len(json.loads(line)["choices"]) for line in
+                  (DATA / "tiny_mc.jsonl").read_text().splitlines()[:3])
+    texts = len((DATA / "tiny_ppl.jsonl").read_text().splitlines()[:3])
+    assert speed["requests"] == choices + texts and speed["scoring_s"] > 0
+    assert speed["requests_per_s"] == pytest.approx(speed["requests"] / speed["scoring_s"], rel=1e-2)
     # --compare-gcache: both columns, their difference
     res = _cli(["eval", model_dir, "--tasks", DATA / "tiny_mc.yaml", "--compare-gcache", gcache_file,
                 "--json"])
@@ -322,3 +329,49 @@ def test_usable_from_lm_eval_python_api(model_dir, monkeypatch):
                                   task_manager=TaskManager(include_defaults=False))
     assert out["n-samples"]["pldr_tiny_mc"]["effective"] == 2
     assert 0.0 <= out["results"]["pldr_tiny_mc"]["acc,none"] <= 1.0
+
+
+def test_eval_peer_example_times_both_models_alike(spm_model, tmp_path):
+    """examples/eval_peer.py on the tiny preset: ours and lm-eval's own hf model score the same requests."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    out = tmp_path / "peer.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "eval_peer.py"), "--preset", "tiny",
+                           "--tasks", str(DATA / "tiny_mc.yaml"), "--limit", "3", "--batch-size", "4",
+                           "--device", "cpu", "--tokenizer", str(spm_model), "--gcache", "--offline",
+                           "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    choices = sum(len(json.loads(line)["choices"]) for line in
+                  (DATA / "tiny_mc.jsonl").read_text().splitlines()[:3])
+    for side in ("pldr", "pldr_gcache", "hf"):
+        assert data[side]["requests"] == choices and data[side]["scoring_s"] > 0
+        assert {r["metric"] for r in data[side]["scores"]} == {"acc", "acc_norm"}
+    rate = data["pldr"]["requests_per_s"] / data["hf"]["requests_per_s"]
+    assert data["ratio_pldr_hf"] == pytest.approx(rate, rel=1e-3)
+
+
+def test_eval_peer_llama_tokenizer_gives_our_tokens(spm_model):
+    import importlib.util
+    import itertools
+
+    transformers = pytest.importorskip("transformers")
+    from pldr_core.corpus import iter_embedded_documents
+    from pldr_core.tokenizer import Tokenizer
+
+    spec = importlib.util.spec_from_file_location("eval_peer", REPO / "examples" / "eval_peer.py")
+    eval_peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_peer)
+    ours, theirs = Tokenizer(spm_model), eval_peer.hf_tokenizer(transformers, spm_model)
+    texts = ["Question: what is 1234?\nAnswer:  the cache ", "the metric tensor [SEP] of power law"]
+    texts += [doc["text"][:400] for doc in itertools.islice(iter_embedded_documents(), 0, 400, 40)]
+    for text in texts:
+        assert theirs.encode(text, add_special_tokens=False) == ours.encode(text, eos=False), text
+    assert (theirs.eos_token_id, theirs.pad_token_id) == (ours.eos_id, ours.pad_id)

@@ -250,6 +250,22 @@ def test_cli_generate_json_and_batching(model_dir, tmp_path):
         assert nocache["tokens"][:len(row["prompt_tokens"]) + 1] == row["tokens"][:len(row["prompt_tokens"]) + 1]
 
 
+def test_cli_generate_json_carries_the_whole_runs_totals(model_dir, tmp_path):
+    (tmp_path / "p.txt").write_text("the metric tensor\npower law\nkeys and values in the model\n")
+    for extra in ([], ["--compile"]):
+        rows = gen_json(model_dir, "--prompts-file", tmp_path / "p.txt", "--greedy", "-n", 6, *extra)
+        keys = ("total_new_tokens", "total_seconds", "total_tokens_per_s",
+                "total_tokens_per_s_excluding_compile")
+        assert len({tuple(r[k] for k in keys) for r in rows}) == 1  # one run: the same totals in every record
+        total = rows[0]
+        assert total["total_new_tokens"] == sum(len(r["new_tokens"]) for r in rows)
+        assert total["total_seconds"] > 0
+        rate = total["total_new_tokens"] / total["total_seconds"]
+        assert total["total_tokens_per_s"] == pytest.approx(rate, rel=1e-3)
+        # The totals cover the prefills and every decode step of the batch.
+        assert total["total_seconds"] * 1e3 >= max(r["prefill_ms"] + r["decode_ms"] for r in rows)
+
+
 def test_cli_generate_seed_and_stream(model_dir):
     a = gen_json(model_dir, "--prompt", "the model", "--seed", 5, "-n", 15, "--temperature", 1.2)
     b = gen_json(model_dir, "--prompt", "the model", "--seed", 5, "-n", 15, "--temperature", 1.2)

@@ -22,6 +22,8 @@ EPILOG = """Examples:
   pldr bench decode --preset small --decode-batch 32 --new-tokens 128
 
   pldr bench decode --preset paper-110m --repeats 15 --no-eager-decode   # steadier decode medians
+
+  pldr bench decode --preset tiny --no-peer      # without the Hugging Face Llama peer
 """
 
 
@@ -54,6 +56,9 @@ def bench(
                                       help="Also time the eager decode_steps mechanism."),
     repeats: int = typer.Option(None, "--repeats", help="Timed runs of each decode engine, taken in "
                                 "turns; each figure is their median (default 15 GPU, 2 CPU)."),
+    peer: bool = typer.Option(True, "--peer/--no-peer", help="Also time a Hugging Face Llama of the same "
+                              "shape on transformers' static cache (compiled when the engines are), in "
+                              "the same turns; skipped where transformers is not installed."),
 ) -> None:
     from pldr_core.bench import WHATS, run_bench
     from pldr_core.errors import PLDRError
@@ -67,7 +72,8 @@ def bench(
     result = run_bench(what, preset=preset, device=device, batch=batch, seq_len=seq_len, steps=steps,
                        compile_mode=compile_mode, metric_precision=metric_precision,
                        compile=compile, decode_batch=decode_batch, prompt_len=prompt_len,
-                       new_tokens=new_tokens, eager_decode=eager_decode, repeats=repeats, log=log)
+                       new_tokens=new_tokens, eager_decode=eager_decode, repeats=repeats, peer=peer,
+                       log=log)
     if json_file is not None:
         from pldr_core.files import atomic_write_text
 
@@ -108,3 +114,17 @@ def _render(result: dict) -> None:
             if "ratio_gfile_identity_eager" in row:
                 line += f", eager {row['ratio_gfile_identity_eager']:.3f}"
             c.print(line)
+            _render_peer(c, B, row)
+
+
+def _render_peer(c, B: int, row: dict) -> None:
+    peer = row.get("peer")
+    if peer is None:
+        return
+    if "skipped" in peer:
+        c.print(f"  batch {B:<3d} peer   skipped: {peer['skipped']}")
+        return
+    c.print(f"  batch {B:<3d} peer   {peer['name']} {_fmt(peer['tokens_per_s'])} "
+            f"(transformers {peer['transformers']})")
+    c.print(f"  batch {B:<3d} ratio ours/peer: identity-G {row['ratio_identity_peer']:.3f}, "
+            f"G-cache file {row['ratio_gfile_peer']:.3f}")

@@ -117,12 +117,15 @@ def eval_cmd(
     rows = report.rows()
     if as_json:
         print_json({"rows": rows, "avg0": report.avg0, "skipped": report.skipped, "offline": report.offline,
-                    "wall_s": round(report.wall_s, 3), "output": str(output) if output else None})
+                    "wall_s": round(report.wall_s, 3), "throughput": report.throughput,
+                    "output": str(output) if output else None})
         return
 
     from rich.table import Table
 
-    title = f"{model}  ({report.wall_s:.1f} s" + (", offline data" if report.offline else "") + ")"
+    rate = (report.throughput or {}).get("requests_per_s")
+    title = (f"{model}  ({report.wall_s:.1f} s" + (f", {rate:,.1f} requests/s" if rate else "")
+             + (", offline data" if report.offline else "") + ")")
     table = Table(title=title, title_justify="left")
     table.add_column("task")
     table.add_column("metric")

@@ -22,7 +22,7 @@ EPILOG = """Examples:
 
   pldr generate runs/small/final -p "hello" --gcache g-eos.safetensors --device cuda --compile
 
-With --gcache FILE (from `pldr export-gcache`) the metric path never runs, not even at prefill, and the command also reports how far that G-cache moves the prompt's logits from full PLGA (max |logit diff| and greedy next-token agreement): the paper's claim, measured. Several prompts are decoded together as one batch; each gets the tokens it gets alone. --json prints one JSON object per prompt per line.
+With --gcache FILE (from `pldr export-gcache`) the metric path never runs, not even at prefill, and the command also reports how far that G-cache moves the prompt's logits from full PLGA (max |logit diff| and greedy next-token agreement): the paper's claim, measured. Several prompts are decoded together as one batch; each gets the tokens it gets alone. --json prints one JSON object per prompt per line; the whole run's totals (total_new_tokens, total_seconds, total_tokens_per_s) are in every one.
 
 --compile (default on CUDA with the KV-cache) decodes through a static-cache engine whose step is compiled with torch.compile and replayed as a CUDA graph, with the same tokens as eager decoding. The one-off compile time is reported apart (compile_s). On CPU --compile runs the same engine without torch.compile (no speed-up expected); with --no-kv-cache it is ignored."""
 
@@ -100,7 +100,7 @@ def generate(
     if not stream_on:
         for b, row in enumerate(result.records):
             _print_block(out, b, row["prompt"], row["text"], numbered=len(result.records) > 1)
-    _summary(result.records, result.batch_decode_tokens_per_s)
+    _summary(result)
 
 
 def _print_block(out, row: int, prompt: str, text: str, numbered: bool = True) -> None:
@@ -111,10 +111,11 @@ def _print_block(out, row: int, prompt: str, text: str, numbered: bool = True) -
     out.flush()
 
 
-def _summary(results: list[dict], batch_rate) -> None:
+def _summary(result) -> None:
     """Timing and, with a G-cache file, its fidelity against full PLGA; on stderr (stdout is the text)."""
     c = console(stderr=True)
     rich = is_terminal()
+    results, batch_rate = result.records, result.batch_decode_tokens_per_s
     for b, row in enumerate(results):
         rate = row["decode_tokens_per_s"]
         tag = f"[{b}] " if len(results) > 1 else ""
@@ -136,6 +137,12 @@ def _summary(results: list[dict], batch_rate) -> None:
             c.print(line, style="dim")
         else:
             print(line, file=sys.stderr)
+    msgs = []
     if len(results) > 1 and batch_rate is not None:
-        msg = f"batch of {len(results)}: decode {batch_rate:.1f} tokens/s"
+        msgs.append(f"batch of {len(results)}: decode {batch_rate:.1f} tokens/s")
+    if result.total_tokens_per_s is not None:
+        msgs.append(f"total: {result.total_new_tokens} new tokens in {result.total_seconds:.2f} s, "
+                    f"{result.total_tokens_per_s:.1f} tokens/s (prefill and compiling included, "
+                    f"{result.compile_s:.1f} s of it compiling; model load excluded)")
+    for msg in msgs:
         c.print(msg, style="dim") if rich else print(msg, file=sys.stderr)
