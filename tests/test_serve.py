@@ -275,4 +275,6 @@ def test_cli_serve_refuses_bad_options(model_dir):
     assert r.exit_code == 2 and "--engine" in r.output
     r = run_cli("serve", model_dir, "--max-len", 1)
     assert r.exit_code == 2 and "--max-len" in r.output
+    r = run_cli("serve", model_dir, "--stream-interval", -1)
+    assert r.exit_code == 2 and "--stream-interval" in r.output
     assert run_cli("serve", "--help").exit_code == 0

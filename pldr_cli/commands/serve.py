@@ -44,6 +44,9 @@ def serve(
     engine: str = typer.Option("auto", "--engine", help="static: the static-cache engine, one compiled "
                                "step (a CUDA graph) for all rows; eager: the model's cached forward; "
                                "auto: static on a GPU, eager elsewhere."),
+    stream_interval: float = typer.Option(20.0, "--stream-interval", help="Milliseconds a stream waits "
+                                          "between chunks, gathering tokens (0: a chunk per token; the "
+                                          "first chunk is always sent at once)."),
     max_len: int = typer.Option(None, "--max-len", help="Positions a row holds, prompt + max_tokens "
                                 "(default: the model's context). Smaller is faster on the static engine."),
 ) -> None:
@@ -67,6 +70,8 @@ def serve(
         raise fail(f"pldr serve needs {exc.name}: pip install 'pldr[serve]'") from None
     from pldr_core.serve import load_scheduler
 
+    if not 0 <= stream_interval <= 10_000:
+        raise fail(f"--stream-interval must be in 0..10000 ms, got {stream_interval}")
     if engine not in ("auto", "eager", "static"):
         raise fail(f"--engine must be auto, eager or static, got {engine!r}")
     if max_len is not None and not 2 <= max_len <= config.max_seq_len:
@@ -78,7 +83,8 @@ def serve(
                                          tokenizer=tokenizer, device=device, dtype=dtype, engine=engine,
                                          max_len=max_len)
     app = create_app(scheduler, model_id=name or str(model).rstrip("/"), tokenizer=tok,
-                     vocab_size=net.config.vocab_size, max_new_tokens=max_new_tokens, api_key=api_key)
+                     vocab_size=net.config.vocab_size, max_new_tokens=max_new_tokens, api_key=api_key,
+                     stream_interval=stream_interval / 1e3)
     typer.echo(f"serving {name or model} on http://{host}:{port}/v1 ({max_batch} rows, G from "
                f"{scheduler.step.g_source}, {scheduler.step.name} step)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

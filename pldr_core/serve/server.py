@@ -5,7 +5,7 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions`` (streamed as server-sent
 ``{"error": {"message", "type", "param", "code"}}``. The app talks to the ``Scheduler`` thread through
 its ``submit`` and per-request asyncio queues, fed through one ``Mailbox`` (one wake-up of the event
 loop per batch of events, not one per token). A stream sends what has arrived since its last chunk as
-one chunk per choice, so a busy server sends fewer, longer chunks.
+one chunk per choice, at most every ``STREAM_INTERVAL_S``, so a busy server sends fewer, longer chunks.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from pldr_core.sampling import Sampler
 from pldr_core.serve.scheduler import Event, Job, Scheduler
 
 MAX_LOGPROBS = 5
+# A stream sends at most one chunk per choice this often (the first at once): on a busy server each
+# send is a system call and a trip through the event loop, which a chunk of several tokens shares.
+STREAM_INTERVAL_S = 0.02
 MAX_STOPS = 4
 
 
@@ -97,8 +100,9 @@ class Mailbox:
 
 
 def create_app(scheduler: Scheduler, *, model_id: str, tokenizer, vocab_size: int, max_new_tokens: int,
-               api_key: str | None = None) -> FastAPI:
-    """The app; its lifespan starts and stops ``scheduler``'s thread.
+               api_key: str | None = None, stream_interval: float = STREAM_INTERVAL_S) -> FastAPI:
+    """The app; its lifespan starts and stops ``scheduler``'s thread. ``stream_interval``: seconds a
+    stream waits after a chunk before it sends the tokens that arrived meanwhile (0: every wake-up).
 
     Longer than our usual limit because it is the route table: each endpoint is a few lines closing over
     ``scheduler`` and the settings, and splitting them apart would only pass those around."""
@@ -181,7 +185,7 @@ def create_app(scheduler: Scheduler, *, model_id: str, tokenizer, vocab_size: in
                 "model": model_id}
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_stream(jobs, events, head, pldr_field, usage),
+            return StreamingResponse(_stream(jobs, events, head, pldr_field, usage, stream_interval),
                                      media_type="text/event-stream")
         return await _collect(jobs, events, head, pldr_field, request)
 
@@ -322,8 +326,9 @@ def _merged(events: list[Event]) -> list[Event]:
     return list(out.values())
 
 
-async def _stream(jobs, events, head, pldr_field, include_usage: bool):
-    """Server-sent events, one chunk per token per choice, then ``[DONE]``. A client that goes away
+async def _stream(jobs, events, head, pldr_field, include_usage: bool, interval: float):
+    """Server-sent events: the tokens each choice gained since the last chunk (at most one chunk per
+    choice every ``interval`` seconds), then ``[DONE]``. A client that goes away
     cancels this generator, and with it the jobs (their rows are freed before the next step)."""
     left, completion = len(jobs), 0
     try:
@@ -343,6 +348,8 @@ async def _stream(jobs, events, head, pldr_field, include_usage: bool):
                 if event.finish_reason is not None:
                     completion += event.completion_tokens
                     left -= 1
+            if left and interval > 0:
+                await asyncio.sleep(interval)  # let tokens gather: one send carries several
         if include_usage and not left:
             prompt = sum(len(j.prompt) for j in jobs)
             usage = {"prompt_tokens": prompt, "completion_tokens": completion,
