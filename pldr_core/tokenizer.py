@@ -47,11 +47,14 @@ class Tokenizer:
         return [ids + [self.eos_id] for ids in out] if eos else out
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids``; special ids, and ids past the tokenizer's pieces (a model's vocabulary
+        may be padded beyond its tokenizer's), decode to nothing."""
         special = {self.pad_id, self.bos_id, self.eos_id}
-        return self.sp.DecodeIds([int(i) for i in ids if int(i) not in special])
+        n = self.vocab_size
+        return self.sp.DecodeIds([int(i) for i in ids if int(i) not in special and 0 <= int(i) < n])
 
     def id_to_piece(self, i: int) -> str:
-        return self.sp.IdToPiece(int(i))
+        return self.sp.IdToPiece(int(i)) if 0 <= int(i) < self.vocab_size else ""
 
 
 def train_tokenizer(sentences: Iterable[str] | Iterator[str], out_prefix: str | Path, *,

@@ -53,3 +53,13 @@ def test_the_shortcut_streams_what_the_decoder_streams(tok, seed):
         got = streamed(tok, prompt or [tok.eos_id], tokens, stop, plain_pieces(tok))
         assert got == want
         assert "".join(want[0]) == want[1]
+
+
+def test_ids_past_the_tokenizer_decode_to_nothing(tok):
+    # A model's vocabulary may be padded past its tokenizer's pieces; a sampled id there is no text
+    # (it used to end a served request with SentencePiece's "piece id is out of range").
+    past = tok.vocab_size + 7
+    head = tok.encode("Call me", eos=False)
+    assert tok.decode(head + [past]) == tok.decode(head) and tok.id_to_piece(past) == ""
+    out, text, _ = streamed(tok, head, [past, head[0], past], plain=plain_pieces(tok))
+    assert text == tok.decode(head + [head[0]])[len(tok.decode(head)):]
