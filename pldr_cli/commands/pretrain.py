@@ -135,7 +135,7 @@ def pretrain(
     keep: int = typer.Option(2, "--keep", help="Step checkpoints to keep."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initialisation and the data order."),
     criticality_every: int = typer.Option(None, "--criticality-every",
-                                          help="Criticality probe (OP(G_LM), OP(A) on 4 validation rows) "
+                                          help="Criticality probe (OP(G_LM), OP(A) on 8 validation rows) "
                                           "every N steps (default: at each validation; 0: off)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms and "
                                        "every generator seeded: repeated runs give bitwise equal weights."),

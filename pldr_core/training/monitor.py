@@ -12,12 +12,12 @@ from pldr_core.criticality import SpikeDetector, SpikeRecord, criticality_probe
 from pldr_core.data import RowSampler
 from pldr_core.files import json_safe
 
-# Sized so that a probe at each validation stays within 5% of the training time of the tiny preset on
-# CPU at one validation per 20 steps: 4 rows x 16 new tokens.
-PROBE_ROWS = 4
+# 8 validation rows cut to 64 tokens, 64 new tokens each: at the default cadence (ten validations a
+# run) a few percent of a run's time or less (docs/performance.md has the measured costs).
+PROBE_ROWS = 8
 """Validation rows the probe continues (always the first ones, so the steps compare)."""
-PROBE_NEW_TOKENS = 16
-PROBE_PROMPT_TOKENS = 32
+PROBE_NEW_TOKENS = 64
+PROBE_PROMPT_TOKENS = 64
 
 
 class Monitor:
