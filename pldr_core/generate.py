@@ -121,12 +121,12 @@ def generate(
     tokens it gets alone. Tokens are yielded step by step, rows in order within a step.
 
     ``compile`` (with the KV-cache on; ignored without it): decode through the static-cache
-    ``DecodeEngine`` instead, one engine per group of equal-length prompts, the groups stepped in
-    lockstep so that ``sampler`` still sees all rows' logits [B, V] at once (same draws as the eager
-    path). On CUDA the engine's step is compiled with ``torch.compile`` and replayed as a CUDA graph
-    (compiled before the prefill; that time goes to ``stats.compile_s``); elsewhere the engine runs
-    eagerly (compiling costs more than it saves there). Each row of a group reports the group's
-    prefill time. Same tokens, same EOS stopping, same ``Token``s as the eager path.
+    ``DecodeEngine`` instead, one engine for every row, each row at its own position, so that
+    ``sampler`` still sees all rows' logits [B, V] at once (same draws as the eager path). On CUDA
+    the engine's step is compiled with ``torch.compile`` and replayed as a CUDA graph (compiled before
+    the prefill; that time goes to ``stats.compile_s``); elsewhere the engine runs eagerly (compiling
+    costs more than it saves there). Every row reports the whole prefill's time. Same tokens, same EOS
+    stopping, same ``Token``s as the eager path.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise PLDRError("every prompt needs at least one token (the empty text encodes to EOS)")
