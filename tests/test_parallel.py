@@ -3,9 +3,11 @@ resume in one process."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
@@ -94,6 +96,9 @@ def test_two_process_gloo_matches_one_process(tmp_path, tok_dir, one_process, g_
     meta = json.loads((tmp_path / "two" / "final" / "meta.json").read_text())
     assert meta["parallel"] == {"plan": "ddp", "world_size": 2, "compile": "off"}
     assert json.loads((ref / "final" / "meta.json").read_text())["parallel"]["plan"] == "none"
+    rows = _scaling_example().scaling([tmp_path / "two", ref], skip=1)
+    assert [r["world_size"] for r in rows] == [1, 2] and rows[0]["efficiency"] == 1.0
+    assert rows[1]["steps"] == 3 and rows[1]["efficiency"] > 0
     assert torch.get_num_threads() >= 1
 
 
@@ -136,3 +141,39 @@ def test_fsdp_on_cpu_fails_in_one_line(tmp_path, tok_dir):  # noqa: F811
         lines = got["output"].strip().splitlines()
         assert len(lines) == 1 and "--parallel fsdp" in lines[0] and "ddp" in lines[0], got
     assert not (tmp_path / "run").exists()
+
+
+def _scaling_example():
+    path = Path(__file__).resolve().parents[1] / "examples" / "scaling.py"
+    spec = importlib.util.spec_from_file_location("scaling_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_run(root: Path, world: int, rates: list[float]) -> Path:
+    (root / "final").mkdir(parents=True)
+    (root / "final" / "meta.json").write_text(json.dumps(
+        {"parallel": {"plan": "ddp" if world > 1 else "none", "world_size": world, "compile": "layers"}}))
+    lines = [{"step": 0, "val_loss": 9.0}] + [{"step": i + 1, "loss": 1.0, "tokens_per_s": r}
+                                              for i, r in enumerate(rates)]
+    lines.insert(3, {"step": 2, "kind": "spike", "score": 9.0})
+    (root / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return root
+
+
+def test_scaling_efficiency_from_metrics(tmp_path, capsys):
+    scaling = _scaling_example()
+    # The first two steps (compilation) are slow and left out; the median takes the rest.
+    one = _fake_run(tmp_path / "g1", 1, [5.0, 50.0, 100.0, 101.0, 99.0])
+    two = _fake_run(tmp_path / "g2", 2, [7.0, 90.0, 190.0, 180.0, 200.0])
+    four = _fake_run(tmp_path / "g4", 4, [9.0, 100.0, 360.0, 370.0, 350.0])
+    rows = scaling.scaling([four, one, two], skip=2)
+    assert [r["world_size"] for r in rows] == [1, 2, 4]
+    assert [r["tokens_per_s"] for r in rows] == [100.0, 190.0, 360.0]
+    assert [round(r["efficiency"], 6) for r in rows] == [1.0, 0.95, 0.9]
+    scaling.main(["--skip", "2", str(one), str(four)])
+    out = capsys.readouterr().out
+    assert "90.0%" in out and "100.0%" in out
+    with pytest.raises(SystemExit, match="no step after"):
+        scaling.throughput(one, skip=5)
