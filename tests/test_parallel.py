@@ -143,6 +143,52 @@ def test_fsdp_on_cpu_fails_in_one_line(tmp_path, tok_dir):  # noqa: F811
     assert not (tmp_path / "run").exists()
 
 
+def _grad_sync_worker(rank: int, world: int, port: int, report) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from pldr_core import parallel
+
+    _env(rank, world, port)
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = parallel.wrap(torch.nn.Linear(3, 1, bias=False), parallel.Dist(rank=rank, world=world), "ddp")
+    x = torch.full((1, 3), float(rank + 1))
+    with parallel.grad_sync(model, False):
+        model(x).sum().backward()
+    local = model.module.weight.grad.clone()
+    with parallel.grad_sync(model, True):
+        model(x).sum().backward()
+    (report / f"rank{rank}.json").write_text(json.dumps({"local": local.tolist(),
+                                                         "synced": model.module.weight.grad.tolist()}))
+    dist.destroy_process_group()
+
+
+def test_grad_accumulation_all_reduces_once(tmp_path):
+    """Under grad_sync(False) each rank keeps its own gradient; the last micro-batch averages the sum."""
+    mp.start_processes(_grad_sync_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True,
+                       start_method="fork")
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0]["local"] == [[1.0, 1.0, 1.0]] and got[1]["local"] == [[2.0, 2.0, 2.0]]
+    # Rank r accumulated 2 x (r + 1); the all-reduce averages (2 + 4) / 2.
+    assert got[0]["synced"] == got[1]["synced"] == [[3.0, 3.0, 3.0]]
+
+
+def test_plan_from_world_and_device():
+    import torch
+
+    from pldr_core.errors import PLDRError
+    from pldr_core.parallel import Dist, plan_for
+
+    assert plan_for("fsdp", Dist()) == "none"
+    assert plan_for("auto", Dist(world=2)) == plan_for("ddp", Dist(world=2)) == "ddp"
+    assert plan_for("fsdp", Dist(world=2, device=torch.device("cuda", 0))) == "fsdp"
+    with pytest.raises(PLDRError, match="--parallel fsdp"):
+        plan_for("fsdp", Dist(world=2))
+    with pytest.raises(PLDRError, match="banana"):
+        plan_for("banana", Dist(world=2))
+
+
 def _scaling_example():
     path = Path(__file__).resolve().parents[1] / "examples" / "scaling.py"
     spec = importlib.util.spec_from_file_location("scaling_example", path)
