@@ -124,7 +124,7 @@ def pretrain(
                                  "process), fsdp (FSDP2 sharding; CUDA only) or auto (ddp)."),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (see "
                                  "--compile-mode), with the fused (Triton) metric path on CUDA (default: on "
-                                 "on CUDA, one process or torchrun; off on CPU)."),
+                                 "for CUDA, one process or torchrun; off on CPU)."),
     compile_mode: str = typer.Option("graphs", "--compile-mode",
                                      help="With --compile on one CUDA process: graphs (whole model, CUDA "
                                      "graphs; default) or layers (each decoder layer, as under torchrun)."),
