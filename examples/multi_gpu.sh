@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Single-node multi-GPU pretraining with torchrun (FSDP2 through `pldr pretrain`).
+# Single-node multi-GPU pretraining with torchrun (DDP or FSDP2 through `pldr pretrain`).
 #
 #   bash examples/multi_gpu.sh                 # every visible GPU, preset small
 #   NPROC=4 PRESET=paper-110m STEPS=20000 DATA=data/tok bash examples/multi_gpu.sh
+#   PARALLEL=fsdp COMPILE=0 bash examples/multi_gpu.sh     # FSDP2, eager
 #
 # BATCH is the per-GPU batch; `pldr pretrain --batch-size` takes the global batch (kept fixed across
 # world sizes), so NPROC x BATCH rows are passed.
@@ -22,13 +23,13 @@ if [ ! -f "$DATA/meta.json" ]; then
   pldr tokenize --out "$DATA" --vocab-size 8000 --seq-len 256
 fi
 
-EXTRA=()
+EXTRA=(--parallel "${PARALLEL:-auto}")
 [ "${RESUME:-0}" = 1 ] && EXTRA+=(--resume)
-[ "${COMPILE:-0}" = 1 ] && EXTRA+=(--compile)   # compile + FSDP2: not yet measured
+[ "${COMPILE:-1}" = 0 ] && EXTRA+=(--no-compile)   # compiled per decoder layer by default
 
 # Rendezvous on this host only; OMP threads per rank kept small so the data loaders do not fight.
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} torchrun --standalone --nproc-per-node "$NPROC" -m pldr_cli pretrain \
   --preset "$PRESET" --data "$DATA" --out "$OUT" --steps "$STEPS" --batch-size "$((NPROC * BATCH))" \
-  --device cuda ${EXTRA[@]+"${EXTRA[@]}"}
+  --device cuda "${EXTRA[@]}"
 
 echo "model: $OUT/final   metrics: $OUT/metrics.jsonl"

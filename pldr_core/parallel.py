@@ -1,9 +1,9 @@
 """Process groups and model wrapping for data-parallel training (FSDP2 / DDP only; no model maths).
 
-One launch story: plain ``python`` is a single process; ``torchrun --nproc-per-node N`` sets RANK,
-WORLD_SIZE and LOCAL_RANK and every process runs the same loop. On CUDA the model is sharded with FSDP2
-(``fully_shard`` per decoder layer, then the root); on CPU (gloo, which has no reduce-scatter) it is
-replicated with DDP.
+One launch story: plain ``python`` is a single process; ``torchrun`` sets RANK, WORLD_SIZE and
+LOCAL_RANK (on one host or several: nothing here names a host) and every process runs the same loop.
+The plan (``plan_for``) replicates the model with DDP or shards it with FSDP2 (``fully_shard`` per
+decoder layer, then the root; CUDA only, since gloo has no reduce-scatter).
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pldr_core.errors import PLDRError
+
+PLANS = ("auto", "ddp", "fsdp")
 
 
 @dataclass
@@ -66,18 +70,47 @@ def teardown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
-    """FSDP2 on CUDA (each decoder layer its own unit, then the root), DDP on CPU; as-is for one process."""
+def plan_for(requested: str, d: Dist) -> str:
+    """The data-parallel plan of a run: "none" for one process, else "ddp" or "fsdp".
+
+    "auto" is DDP until both plans are measured on GPUs (docs/performance.md says how): a 110M
+    model's replica and AdamW state fit one GPU, and DDP's bucketed all-reduce overlapping the
+    backward may beat FSDP2's per-layer all-gathers at this size."""
+    if requested not in PLANS:
+        raise PLDRError(f"unknown --parallel {requested!r}; choose auto, ddp or fsdp")
     if not d.enabled:
+        return "none"
+    plan = "ddp" if requested == "auto" else requested
+    if plan == "fsdp" and d.device.type != "cuda":
+        raise PLDRError("--parallel fsdp needs CUDA devices (gloo on CPU has no reduce-scatter); "
+                        "use --parallel ddp")
+    return plan
+
+
+def wrap(model: torch.nn.Module, d: Dist, plan: str) -> torch.nn.Module:
+    """The model wrapped for ``plan`` (``plan_for``); as-is for "none". Compile each layer before."""
+    if plan == "none":
         return model
-    if d.device.type == "cuda":
-        # Parameters stay fp32 (the metric path is fp32 by design); bf16 comes from autocast.
-        mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
-        for layer in model.decoder.dec_layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        return model
-    return DDP(model)
+    if plan == "fsdp":
+        return _fully_shard(model)
+    ids = [d.local_rank] if d.device.type == "cuda" else None
+    # Gradients as views into the all-reduce buckets: no copy in or out of them per step.
+    return DDP(model, device_ids=ids, gradient_as_bucket_view=True)
+
+
+def _fully_shard(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: each decoder layer its own unit, then the root (embedding, final norm, head)."""
+    # Parameters stay fp32 (the metric path is fp32 by design); bf16 comes from autocast.
+    mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    layers = list(model.decoder.dec_layers)
+    for i, layer in enumerate(layers):
+        # The backward needs the last layer first, at once: resharding it would only gather it again.
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
+    fully_shard(model, mp_policy=mp)
+    # Gather layer i + 1 while layer i computes; the backward prefetches one layer ahead by itself.
+    for layer, nxt in zip(layers, layers[1:]):
+        layer.set_modules_to_forward_prefetch([nxt])
+    return model
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -121,7 +154,8 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None
 
 @contextlib.contextmanager
 def grad_sync(model: torch.nn.Module, sync: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch (DDP no_sync / FSDP2 flag)."""
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch: DDP's no_sync,
+    FSDP2's requires-gradient-sync flag (set on every layer's unit, recursively)."""
     if sync:
         yield
     elif hasattr(model, "no_sync"):

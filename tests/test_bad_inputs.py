@@ -218,6 +218,7 @@ PRETRAIN = [
     ("pre-dag-two", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.out, "--dag", "0.1,0.2"], "--dag")),
     ("pre-dag-nan", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.out, "--dag", "nan,0,0"], "--dag")),
     ("pre-device", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.out, "--device", "banana"], "banana")),
+    ("pre-parallel", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.out, "--parallel", "banana"], "banana")),
     ("pre-out-is-file", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.file("taken", "x")], "taken")),
     ("pre-grad-accum-0", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.out, "--grad-accum", 0], "--grad-accum")),
     ("pre-eval-every-0", lambda w: ([*_TRAIN, "--data", w.data, "--out", w.out, "--eval-every", 0], "--eval-every")),

@@ -23,6 +23,8 @@ EPILOG = """Examples:
 
   torchrun --nproc-per-node 4 -m pldr_cli pretrain --data data/tok --out runs/p110 --preset paper-110m
 
+  torchrun --nproc-per-node 4 -m pldr_cli pretrain --data data/tok --out runs/p110 --parallel fsdp
+
 Ctrl-C stops at the end of the current step and saves a checkpoint that --resume continues exactly.
 """
 
@@ -30,7 +32,7 @@ Ctrl-C stops at the end of the current step and saves a checkpoint that --resume
 def register(app: typer.Typer) -> None:
     app.command("pretrain", epilog=EPILOG,
                 help="Pretrain a PLDR-LLM: AdamW, warm-up + cosine, checkpoints that resume exactly, "
-                     "FSDP2 under torchrun.")(pretrain)
+                     "DDP or FSDP2 under torchrun.")(pretrain)
 
 
 def _parse_dag(text: str | None):
@@ -118,9 +120,11 @@ def pretrain(
     g_file: Path = typer.Option(None, "--g-file", help="G-cache file for --g-mode fixed."),
     dag: str = typer.Option(None, "--dag", help="DAG loss coefficients L1,L2,L3 for A_LM, A_P, G_LM."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    parallel: str = typer.Option("auto", "--parallel", help="Under torchrun: ddp (a model replica per "
+                                 "process), fsdp (FSDP2 sharding; CUDA only) or auto (ddp)."),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (see "
                                  "--compile-mode), with the fused (Triton) metric path on CUDA (default: on "
-                                 "for a single CUDA process; off on CPU and under torchrun)."),
+                                 "for CUDA, one process or torchrun; off on CPU)."),
     compile_mode: str = typer.Option("graphs", "--compile-mode",
                                      help="With --compile on one CUDA process: graphs (whole model, CUDA "
                                      "graphs; default) or layers (each decoder layer, as under torchrun)."),
@@ -147,10 +151,10 @@ def pretrain(
                      config_file=str(config) if config else None, steps=steps, batch_size=batch_size,
                      grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup=warmup, g_mode=g_mode,
                      g_file=str(g_file) if g_file else None, dag=_parse_dag(dag), device=device,
-                     compile=compile, compile_mode=compile_mode, metric_precision=metric_precision,
-                     resume=resume, eval_every=eval_every, eval_batches=eval_batches,
-                     save_every=save_every, keep=keep, seed=seed, criticality_every=criticality_every,
-                     deterministic=deterministic)
+                     parallel=parallel, compile=compile, compile_mode=compile_mode,
+                     metric_precision=metric_precision, resume=resume, eval_every=eval_every,
+                     eval_batches=eval_batches, save_every=save_every, keep=keep, seed=seed,
+                     criticality_every=criticality_every, deterministic=deterministic)
     main = int(os.environ.get("RANK", "0")) == 0
     note = f"pretrain {'resume ' if resume else ''}{preset if not config else config} on {data} -> {out}"
     if main:

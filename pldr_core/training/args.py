@@ -14,6 +14,7 @@ from pldr_core.errors import PLDRError
 from pldr_core.kernels import check_metric_precision
 
 DEVICES = ("auto", "cpu", "cuda")
+PARALLEL = ("auto", "ddp", "fsdp")
 
 
 @dataclass(kw_only=True)
@@ -50,12 +51,15 @@ class TrainArgs:
     dag: tuple[float, float, float] | None = None
     """DAG loss coefficients (A_LM, A_P, G_LM)."""
     device: str = "auto"
+    parallel: str = "auto"
+    """Under torchrun: "ddp" (a replica per process), "fsdp" (FSDP2, CUDA only) or "auto"
+    (``parallel.plan_for``); one process ignores it."""
     compile: bool | None = None
-    """torch.compile with the fused metric path (Triton kernels on CUDA); default on for a single CUDA
-    process, off on CPU and under torchrun (compile + FSDP2 not yet measured). See ``compile_mode``."""
+    """torch.compile with the fused metric path (Triton kernels on CUDA); default on for CUDA (one
+    process or torchrun), off on CPU. See ``compile_mode``."""
     compile_mode: str = "graphs"
     """With compile on one CUDA process: "graphs" (default) compiles the whole model and replays it as
-    CUDA graphs; "layers" compiles each decoder layer (what torchrun/FSDP2 runs always use)."""
+    CUDA graphs; "layers" compiles each decoder layer (what torchrun runs always use)."""
     metric_precision: str = "bf16"
     """With compile on CUDA: the metric path's GLU matmuls with "bf16" operands (default, the fastest),
     in "tf32" or in "fp32" (``pldr_core.kernels.prepare_metric_path``)."""
@@ -103,6 +107,8 @@ class TrainArgs:
         if self.compile_mode not in ("graphs", "layers"):
             raise PLDRError(f"unknown --compile-mode {self.compile_mode!r}; choose graphs or layers")
         check_metric_precision(self.metric_precision)
+        if self.parallel not in PARALLEL:
+            raise _bad("parallel", ", ".join(PARALLEL[:-1]) + " or " + PARALLEL[-1], self.parallel)
         if self.device not in DEVICES:
             raise _bad("device", ", ".join(DEVICES[:-1]) + " or " + DEVICES[-1], self.device)
         if self.device == "cuda" and not torch.cuda.is_available():

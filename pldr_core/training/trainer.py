@@ -110,6 +110,7 @@ class Trainer:
     # ---- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
         args, d = self.args, self.d
+        self.plan = parallel.plan_for(args.parallel, d)
         if args.batch_size % (d.world * args.grad_accum):
             raise PLDRError(f"--batch-size {args.batch_size} must be divisible by world size x grad-accum "
                             f"({d.world} x {args.grad_accum})")
@@ -170,19 +171,20 @@ class Trainer:
         return path
 
     def _place(self, model: torch.nn.Module) -> None:
-        """Move to the device, compile (fused metric path) and wrap for data parallelism."""
+        """Move to the device, compile (default on CUDA; fused metric path) and wrap: under torchrun each
+        decoder layer is compiled, then wrapped (torchtitan's order); CUDA graphs need one process."""
         args, d = self.args, self.d
         model.to(d.device)
         model.train()
-        use_compile = args.compile if args.compile is not None else (d.device.type == "cuda" and d.world == 1)
-        # CUDA graphs need the whole step's shapes fixed and one process; FSDP2 runs compile per layer.
+        use_compile = args.compile if args.compile is not None else d.device.type == "cuda"
         graphs = use_compile and args.compile_mode == "graphs" and d.device.type == "cuda" and not d.enabled
+        self.compile_desc = "graphs" if graphs else "layers" if use_compile else "off"
         if use_compile:
             prepare_metric_path(model, d.device, metric_precision=args.metric_precision)
             if not graphs:
                 for layer in model.decoder.dec_layers:
                     layer.compile()
-        self.model = parallel.wrap(model, d)
+        self.model = parallel.wrap(model, d, self.plan)
         if graphs:
             self.compiled = torch.compile(self.model, mode="reduce-overhead")
 
@@ -323,6 +325,7 @@ class Trainer:
                          "tokens": data.meta.get("tokens")},
                 "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
                 "first_val_loss": self.state.first_val_loss, "train_args": args.to_json(),
+                "parallel": {"plan": self.plan, "world_size": self.d.world, "compile": self.compile_desc},
                 **self.monitor.summary()}
 
     def _log(self, rec: dict, *, event: str | None = None) -> None:
