@@ -301,13 +301,15 @@ class PLGAttention(nn.Module):
 
     # ---- decode step -------------------------------------------------------------------------
     def decode_step(self, x: torch.Tensor, pos: torch.Tensor, layer: int, state: DecodeState,
-                    rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor) -> torch.Tensor:
+                    rope: tuple[torch.Tensor, torch.Tensor] | None,
+                    mask: torch.Tensor | None) -> torch.Tensor:
         """``forward`` for one token x [B, 1, d] at ``pos`` ([1]: every row; or [B]: one per row) over
         ``state``'s static caches.
 
         ``rope``: cos, sin [1 or B, 1, 1, dk/2] at ``pos`` (None with ``state.kernel``, which reads the
-        tables itself); ``mask`` [1 or B, 1, T]: each row's keys up to its position. Writes k (or
-        G_LM k) and v at each row's position of layer ``layer``; returns the attention's output [B, 1, d].
+        tables itself); ``mask`` [1 or B, 1, T]: each row's keys up to its position (None with
+        ``state.attn_kernel``). Writes k (or G_LM k) and v at each row's position of layer ``layer``;
+        returns the attention's output [B, 1, d].
         """
         B = x.shape[0]
         H, dk = self.num_heads, self.head_dim

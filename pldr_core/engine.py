@@ -33,7 +33,8 @@ PREFILL_CHUNK = 16
 
 
 class DecodeEngine:
-    """Static-cache greedy/sampled decoding for ``batch`` rows of equal prompt length.
+    """Static-cache greedy/sampled decoding for ``batch`` rows: of one prompt length (``prefill``,
+    ``steps``, ``generate``) or each at its own position (``prefill_row(s)``, ``step_rows``).
 
     ``g_source``: 'file' (pass ``g_cache``, a filled GCache from a G-cache file; the metric path never
     runs), 'prefill' (G_LM from the prompt's prefill, then reused) or 'none' (no G-cache: a learned model
@@ -90,7 +91,7 @@ class DecodeEngine:
                             "Triton, and CUDA (or TRITON_INTERPRET=1)")
         auto = kernel == "auto" and self.device.type == "cuda"
         self.kernel = "triton" if fits and (kernel == "triton" or auto) else "torch"
-        attn_fits = decode_attn.applies(self.kv.k, self.kv.k, cfg.head_dim)
+        attn_fits = decode_attn.applies(self.kv.k[0, :, :, :1], self.kv.k, cfg.head_dim)  # a q-shaped view
         if attention == "triton" and not attn_fits:
             raise PLDRError("the Triton attention kernel needs a power-of-two head size up to 128, caches "
                             "under 2**31 elements, Triton, and CUDA (or TRITON_INTERPRET=1)")
@@ -199,28 +200,27 @@ class DecodeEngine:
 
     @torch.no_grad()
     def prefill_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
-        """Prefill ``prompts[i]`` [S_i] into row ``rows[i]``, all in one right-padded forward; the logits
-        [len(rows), V] of each prompt's last position.
+        """Prefill ``prompts[i]`` [S_i] into row ``rows[i]``; the logits [len(rows), V] of each prompt's
+        last position.
 
-        Only where G_LM does not come from the prompt (a G-cache file, a frozen or identity G): attention
-        is causal, so the padding after a prompt never reaches its positions (A, which sums over every
-        position, would see it). The padded positions' keys are masked until a step overwrites them."""
-        if not self.fixed_g:
-            raise PLDRError("prompts whose G_LM comes from their own prefill are prefilled one at a time")
+        Where G_LM is fixed before any prompt (a G-cache file, a frozen or identity G) the prompts share
+        right-padded forwards, a few at a time: attention is causal, so the padding after a prompt never
+        reaches its positions, and the padded keys are masked until a step overwrites them. Where G_LM
+        comes from the prompt, A sums over every position and would see the padding: each row alone."""
         if len(rows) != len(prompts) or len(set(rows)) != len(rows) or not all(
                 0 <= r < self.batch for r in rows):
             raise PLDRError(f"rows {rows} must be distinct rows of this engine's {self.batch}, one per prompt")
+        if not self.fixed_g:
+            return torch.stack([self.prefill_row(row, ids) for row, ids in zip(rows, prompts)])
         lengths = [len(p) for p in prompts]
         if min(lengths) < 1 or max(lengths) >= self.max_len:
             raise PLDRError(f"prompt lengths must be between 1 and {self.max_len - 1} for this engine")
-        # A few prompts a forward: its logits cover every padded position.
-        n = PREFILL_CHUNK
+        n = PREFILL_CHUNK  # the forward's logits cover every padded position
         return torch.cat([self._prefill_padded(rows[i:i + n], prompts[i:i + n]) for i in range(0, len(rows), n)])
 
     @property
     def fixed_g(self) -> bool:
-        """Whether G_LM is fixed before any prompt (a G-cache file, a frozen or identity G): then the
-        prompts of several rows may share one right-padded prefill (``prefill_rows``)."""
+        """Whether G_LM is fixed before any prompt (a G-cache file, a frozen or identity G)."""
         return not ((self._gc is not None and self._gc.source == "prefill") or self.state.use_metric)
 
     def _prefill_padded(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
@@ -232,13 +232,10 @@ class DecodeEngine:
         kv = KVCache.for_model(self.model, len(rows), S)
         logits = self.model(padded, kv_cache=kv, g_cache=self._gc).logits
         at = torch.tensor(rows, device=self.device)
+        if self.G is not None:
+            _keys_as_g_keys(kv.k, self.G[:, at])
+        self.kv.k[:, at, :, :S] = kv.k
         self.kv.v[:, at, :, :S] = kv.v
-        if self.G is None:
-            self.kv.k[:, at, :, :S] = kv.k
-        else:  # keys cached as G_LM k, as ``_prefill`` converts them
-            for layer, G in enumerate(self.G):
-                k = torch.matmul(kv.k[layer].double(), G[at].double().transpose(-1, -2))
-                self.kv.k[layer, at, :, :S] = k.to(self.kv.k.dtype)
         return logits[torch.arange(len(rows), device=self.device), torch.tensor(lengths, device=self.device) - 1]
 
     def _prefill(self, prompt: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -253,16 +250,11 @@ class DecodeEngine:
             gc = gc if whole else gc.row(rows.start)
             gc.reset()
         logits = self.model(prompt.to(self.device), kv_cache=kv, g_cache=gc).logits[:, -1]
-        if self.G is None:
-            return logits
-        G = self.G[:, rows]
-        if gc is not None and gc.source == "prefill":
-            G.copy_(gc.G_LM.to(self.dtype))
-        # The step attends over keys cached as G_LM k (see DecodeState): convert the prompt's.
-        # In float64 (exact products for bf16 and fp32 caches alike, whatever the TF32 setting),
-        # a layer at a time to bound the temporary.
-        for k, G_layer in zip(kv.k[:, :, :, :S], G):
-            k.copy_(torch.matmul(k.double(), G_layer.double().transpose(-1, -2)))
+        if self.G is not None:
+            G = self.G[:, rows]
+            if gc is not None and gc.source == "prefill":
+                G.copy_(gc.G_LM.to(self.dtype))
+            _keys_as_g_keys(kv.k[:, :, :, :S], G)
         return logits
 
     @torch.no_grad()
@@ -311,3 +303,11 @@ class DecodeEngine:
             self._graph.replay()
         else:
             self._body()
+
+
+def _keys_as_g_keys(k: torch.Tensor, G: torch.Tensor) -> None:
+    """Turn a prompt's keys k [L, n, H, S, dk] in place into G_LM k, as the decode step caches them
+    (see ``DecodeState``), with G [L, n, H, dk, dk]. In float64 (exact products for bf16 and fp32 caches
+    alike, whatever the TF32 setting), a layer at a time to bound the temporary."""
+    for k_layer, G_layer in zip(k, G):
+        k_layer.copy_(torch.matmul(k_layer.double(), G_layer.double().transpose(-1, -2)))

@@ -159,7 +159,8 @@ class PLDRModel(nn.Module):
         if not state.kernel:  # the kernel reads the tables at pos itself
             rope = (state.cos.index_select(0, pos)[:, None, None],   # [1 or B, 1, 1, dk/2]
                     state.sin.index_select(0, pos)[:, None, None])
-        mask = (state.keys <= pos[:, None])[:, None]   # [1 or B, 1, T]
+        # The keys up to each row's position, [1 or B, 1, T] (the attention kernel masks by itself).
+        mask = None if state.attn_kernel else (state.keys <= pos[:, None])[:, None]
         for i, layer in enumerate(self.decoder.dec_layers):
             x = layer.decode_step(x, pos, i, state, rope, mask)
         return self.final_layer(x)[:, 0]

@@ -60,10 +60,8 @@ def static_prefill(model, rows: list[torch.Tensor], *, max_new_tokens: int, g_ca
     t0 = time.perf_counter()
     if len(set(lengths)) == 1:
         logits = engine.prefill(torch.stack(rows))
-    elif engine.fixed_g:
-        logits = engine.prefill_rows(list(range(len(rows))), rows)
     else:
-        logits = torch.stack([engine.prefill_row(b, ids) for b, ids in enumerate(rows)])
+        logits = engine.prefill_rows(list(range(len(rows))), rows)
     sync(device)
     ms = (time.perf_counter() - t0) * 1e3
     for row in stats.rows:

@@ -8,7 +8,6 @@ from conftest import tiny_model
 
 from pldr_core.cache import GCache, KVCache
 from pldr_core.engine import DecodeEngine
-from pldr_core.errors import PLDRError
 from pldr_core.kernels import MetricPath
 
 
@@ -126,6 +125,11 @@ def test_rows_prefilled_together_equal_rows_prefilled_alone(g_mode, g_source):
         torch.testing.assert_close(together.step_rows(tokens, pos)[rows], alone.step_rows(tokens, pos)[rows],
                                    rtol=0, atol=1e-10)
         pos += 1
-    if g_mode == "learned":  # G_LM from each prompt: A would see the padding
-        with pytest.raises(PLDRError, match="one at a time"):
-            DecodeEngine(model, batch=2, max_len=8, g_source="prefill").prefill_rows([0], prompts[:1])
+    if g_mode == "learned":  # G_LM from each prompt (A would see padding): each row alone
+        alone = DecodeEngine(model, batch=4, max_len=12, g_source="prefill")
+        together = DecodeEngine(model, batch=4, max_len=12, g_source="prefill")
+        assert not together.fixed_g
+        want = torch.stack([alone.prefill_row(r, p) for r, p in zip(rows, prompts)])
+        torch.testing.assert_close(together.prefill_rows(rows, prompts), want, rtol=0, atol=1e-12)
+        torch.testing.assert_close(together.step_rows(tokens, pos)[rows], alone.step_rows(tokens, pos)[rows],
+                                   rtol=0, atol=1e-10)

@@ -72,8 +72,6 @@ def serve(
 
     if not 0 <= stream_interval <= 10_000:
         raise fail(f"--stream-interval must be in 0..10000 ms, got {stream_interval}")
-    if engine not in ("auto", "eager", "static"):
-        raise fail(f"--engine must be auto, eager or static, got {engine!r}")
     if max_len is not None and not 2 <= max_len <= config.max_seq_len:
         raise fail(f"--max-len must be in 2..{config.max_seq_len} (the model's context), got {max_len}")
     if max_len is not None and max_new_tokens >= max_len:

@@ -21,7 +21,7 @@ def load_scheduler(model_path, *, max_batch: int, gcache=None, force: bool = Fal
     if max_batch < 1:
         raise PLDRError(f"--max-batch must be >= 1, got {max_batch}")
     if engine not in ENGINES:
-        raise PLDRError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        raise PLDRError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     tok = find_tokenizer(model_path, tokenizer)
     model, gc = load_for_generation(model_path, device=device, dtype=dtype, gcache=gcache, force=force)
     if tok.vocab_size > model.config.vocab_size:

@@ -109,6 +109,7 @@ def create_app(scheduler: Scheduler, *, model_id: str, tokenizer, vocab_size: in
 
     @asynccontextmanager
     async def lifespan(app):
+        app.state.mailbox = Mailbox(asyncio.get_running_loop())
         scheduler.start()
         try:
             yield
@@ -171,7 +172,7 @@ def create_app(scheduler: Scheduler, *, model_id: str, tokenizer, vocab_size: in
         max_tokens = _check_lengths(body, prompts, scheduler.max_len, max_new_tokens)
         sampler_args = _sampling(body)
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        mailbox = _mailbox(app)
+        mailbox = app.state.mailbox
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:
@@ -190,14 +191,6 @@ def create_app(scheduler: Scheduler, *, model_id: str, tokenizer, vocab_size: in
         return await _collect(jobs, events, head, pldr_field, request)
 
     return app
-
-
-def _mailbox(app: FastAPI) -> Mailbox:
-    """The app's one ``Mailbox``, made on first use inside the running loop."""
-    box = getattr(app.state, "mailbox", None)
-    if box is None:
-        box = app.state.mailbox = Mailbox(asyncio.get_running_loop())
-    return box
 
 
 def _prompt_ids(body: CompletionRequest, tokenizer, vocab_size: int) -> list[list[int]]:

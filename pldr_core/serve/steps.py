@@ -50,9 +50,8 @@ class EagerStep:
         self.device = next(model.parameters()).device
         self.kv = KVCache.for_model(model, batch, max_len)
         self.g_source = _g_source(model, g_cache)
-        self.gc = {"model": None, "file": g_cache}.get(self.g_source)
-        if self.g_source == "prefill":
-            self.gc = GCache.for_model(model, batch)
+        self.gc = (GCache.for_model(model, batch) if self.g_source == "prefill"
+                   else g_cache if self.g_source == "file" else None)
         # Every row starts out holding the EOS-only prompt: the batch's caches are then filled for
         # all rows, so a decode step reads the frozen A / G_LM of each row instead of rerunning the
         # metric path on one token.
@@ -81,9 +80,8 @@ class EngineStep:
     """``DecodeStep`` on the static-cache ``DecodeEngine``: every row in one step (compiled and replayed
     as one CUDA graph with ``compile`` on a GPU), each at its own position.
 
-    Where G_LM does not come from the prompt (a G-cache file, a frozen or identity G), rows admitted
-    together are prefilled in one right-padded forward (``DecodeEngine.prefill_rows``); with G from the
-    prompt each row is prefilled alone."""
+    Rows admitted together are prefilled by ``DecodeEngine.prefill_rows``: in right-padded forwards
+    where G_LM is fixed, each alone where it comes from the prompt."""
 
     def __init__(self, model, *, batch: int, max_len: int, g_cache: GCache | None = None,
                  compile: bool = False):
@@ -96,10 +94,7 @@ class EngineStep:
         self.name = "static, compiled" if compile else "static"
         self.engine.warm_up()
 
-    @torch.no_grad()
     def prefill_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
-        if not self.engine.fixed_g:
-            return torch.stack([self.engine.prefill_row(row, ids) for row, ids in zip(rows, prompts)])
         return self.engine.prefill_rows(rows, prompts)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

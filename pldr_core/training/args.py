@@ -12,9 +12,9 @@ import torch
 
 from pldr_core.errors import PLDRError
 from pldr_core.kernels import check_metric_precision
+from pldr_core.parallel import PLANS
 
 DEVICES = ("auto", "cpu", "cuda")
-PARALLEL = ("auto", "ddp", "fsdp")
 
 
 @dataclass(kw_only=True)
@@ -107,8 +107,8 @@ class TrainArgs:
         if self.compile_mode not in ("graphs", "layers"):
             raise PLDRError(f"unknown --compile-mode {self.compile_mode!r}; choose graphs or layers")
         check_metric_precision(self.metric_precision)
-        if self.parallel not in PARALLEL:
-            raise _bad("parallel", ", ".join(PARALLEL[:-1]) + " or " + PARALLEL[-1], self.parallel)
+        if self.parallel not in PLANS:
+            raise _bad("parallel", ", ".join(PLANS[:-1]) + " or " + PLANS[-1], self.parallel)
         if self.device not in DEVICES:
             raise _bad("device", ", ".join(DEVICES[:-1]) + " or " + DEVICES[-1], self.device)
         if self.device == "cuda" and not torch.cuda.is_available():
