@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -65,8 +66,18 @@ def setup(device: str = "auto") -> Dist:
     return Dist(rank=rank, world=world, local_rank=local_rank, device=dev, initialized_here=here)
 
 
-def teardown(d: Dist) -> None:
+def teardown(d: Dist, finished: bool = False) -> None:
+    """Destroy the process group this process started. ``finished``: every rank got here without an
+    error, so they wait for each other first (a rank that raised must not wait for ranks stuck in a
+    collective)."""
     if d.initialized_here and dist.is_initialized():
+        if finished:
+            dist.barrier()
+        # Gloo's worker thread frees the last collective's work after the caller has seen it finish,
+        # and that needs the GIL. Destroying the group joins that thread while holding the GIL, so
+        # without this pause the two can wait on each other forever (seen in about one 2-process CPU
+        # run in ten). Sleeping releases the GIL.
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 

@@ -7,6 +7,8 @@ import importlib.util
 import json
 import os
 import socket
+import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,24 @@ def _env(rank: int, world: int, port: int) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def _exit_when_done(rank: int, fn, *args) -> None:
+    """Run one rank's work, then leave at once: what the test checks is on disk by then, and nothing
+    left in the process (gloo's threads among it) can keep it from exiting."""
+    try:
+        fn(rank, *args)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    os._exit(0)
+
+
+def _ranks(fn, *args, world: int = 2) -> None:
+    """``fn(rank, world, port, *args)`` in ``world`` forked processes; raises if any rank fails."""
+    mp.start_processes(_exit_when_done, args=(fn, world, _free_port(), *args), nprocs=world, join=True,
+                       start_method="fork")
+
+
 def _worker(rank: int, world: int, port: int, args) -> None:
     from pldr_core.training import pretrain
 
@@ -43,7 +63,7 @@ def _worker(rank: int, world: int, port: int, args) -> None:
 
 
 def _two_processes(args) -> None:
-    mp.start_processes(_worker, args=(2, _free_port(), args), nprocs=2, join=True, start_method="fork")
+    _ranks(_worker, args)
 
 
 def _steps(run) -> list[dict]:
@@ -133,8 +153,7 @@ def _cli_worker(rank: int, world: int, port: int, argv: list, report) -> None:
 def test_fsdp_on_cpu_fails_in_one_line(tmp_path, tok_dir):  # noqa: F811
     argv = ["pretrain", "--data", tok_dir, "--out", tmp_path / "run", "--device", "cpu", "--steps", 1,
             "--batch-size", 2, "--parallel", "fsdp"]
-    mp.start_processes(_cli_worker, args=(2, _free_port(), argv, tmp_path), nprocs=2, join=True,
-                       start_method="fork")
+    _ranks(_cli_worker, argv, tmp_path)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["code"] == 2, got
@@ -161,13 +180,12 @@ def _grad_sync_worker(rank: int, world: int, port: int, report) -> None:
         model(x).sum().backward()
     (report / f"rank{rank}.json").write_text(json.dumps({"local": local.tolist(),
                                                          "synced": model.module.weight.grad.tolist()}))
-    dist.destroy_process_group()
+    parallel.teardown(parallel.Dist(rank=rank, world=world, initialized_here=True), finished=True)
 
 
 def test_grad_accumulation_all_reduces_once(tmp_path):
     """Under grad_sync(False) each rank keeps its own gradient; the last micro-batch averages the sum."""
-    mp.start_processes(_grad_sync_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True,
-                       start_method="fork")
+    _ranks(_grad_sync_worker, tmp_path)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert got[0]["local"] == [[1.0, 1.0, 1.0]] and got[1]["local"] == [[2.0, 2.0, 2.0]]
     # Rank r accumulated 2 x (r + 1); the all-reduce averages (2 + 4) / 2.

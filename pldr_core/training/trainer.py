@@ -56,12 +56,15 @@ def pretrain(args: TrainArgs, *, on_log: Callable[[dict], None] | None = None,
     args = args.with_default_lr()
     with deterministic(args.deterministic, args.seed):
         d = parallel.setup(args.device)
+        finished = False
         try:
             trainer = Trainer(args, d, on_log=on_log, on_event=on_event)
             trainer.setup()
-            return trainer.fit()
+            result = trainer.fit()
+            finished = True
+            return result
         finally:
-            parallel.teardown(d)
+            parallel.teardown(d, finished)
 
 
 def resolve_run(args: TrainArgs, data: TokenData) -> tuple[PLDRConfig, dict]:
