@@ -75,8 +75,8 @@ def teardown(d: Dist, finished: bool = False) -> None:
             dist.barrier()
         # Gloo's worker thread frees the last collective's work after the caller has seen it finish,
         # and that needs the GIL. Destroying the group joins that thread while holding the GIL, so
-        # without this pause the two can wait on each other forever (seen in about one 2-process CPU
-        # run in ten). Sleeping releases the GIL.
+        # without this pause the two can wait on each other forever (about one 2-process CPU run in five
+        # to ten). Sleeping releases the GIL.
         time.sleep(0.2)
         dist.destroy_process_group()
 
@@ -88,7 +88,7 @@ def plan_for(requested: str, d: Dist) -> str:
     model's replica and AdamW state fit one GPU, and DDP's bucketed all-reduce overlapping the
     backward may beat FSDP2's per-layer all-gathers at this size."""
     if requested not in PLANS:
-        raise PLDRError(f"unknown --parallel {requested!r}; choose auto, ddp or fsdp")
+        raise PLDRError(f"unknown --parallel {requested!r}; choose {', '.join(PLANS[:-1])} or {PLANS[-1]}")
     if not d.enabled:
         return "none"
     plan = "ddp" if requested == "auto" else requested

@@ -193,16 +193,15 @@ def test_grad_accumulation_all_reduces_once(tmp_path):
     assert got[0]["synced"] == got[1]["synced"] == [[3.0, 3.0, 3.0]]
 
 
-def _teardown_rounds_worker(rank: int, world: int, port: int, rounds: int, report) -> None:
+def _teardown_rounds_worker(rank: int, world: int, rounds: int, report) -> None:
     import torch
     import torch.distributed as dist
 
     from pldr_core import parallel
 
-    _env(rank, world, port)
-    for i in range(rounds):
-        os.environ["MASTER_PORT"] = str(port + i)
-        dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    for i in range(rounds):  # a file store per round: no ports to find
+        dist.init_process_group("gloo", init_method=f"file://{report}/store{i}", rank=rank, world_size=world)
         model = parallel.wrap(torch.nn.Linear(3, 1, bias=False), parallel.Dist(rank=rank, world=world), "ddp")
         model(torch.ones(1, 3)).sum().backward()
         parallel.teardown(parallel.Dist(rank=rank, world=world, initialized_here=True), finished=True)
@@ -215,13 +214,8 @@ def test_finished_ranks_tear_down_without_waiting_on_each_other(tmp_path):
     """Ten process groups in a row, each ended by teardown and then freed by the model that held it,
     return normally (no os._exit) within a minute. Without teardown's pause this deadlocked in 6 runs of
     6 here (in 2 of 3 with the barrier alone)."""
-    rounds = 10
-    with socket.socket() as s:  # a run of free ports, one store per round
-        s.bind(("127.0.0.1", 0))
-        base = s.getsockname()[1]
-    base = min(base, 65535 - rounds)
-    ctx = mp.start_processes(_teardown_rounds_worker, args=(2, base, rounds, tmp_path), nprocs=2,
-                             join=False, start_method="fork")
+    ctx = mp.start_processes(_teardown_rounds_worker, args=(2, 10, tmp_path), nprocs=2, join=False,
+                             start_method="fork")
     deadline = time.monotonic() + 60
     try:
         while not ctx.join(timeout=1):
@@ -230,7 +224,7 @@ def test_finished_ranks_tear_down_without_waiting_on_each_other(tmp_path):
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.done", "rank1.done"]
+    assert sorted(p.name for p in tmp_path.glob("*.done")) == ["rank0.done", "rank1.done"]
 
 
 def test_plan_from_world_and_device():
