@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128, help="--max-new-tokens of each prompt")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32", help="float32 or bfloat16 (the GPU figure)")
+    ap.add_argument("--torch-compile", action="store_true", help="pass --torch-compile to pldr generate")
     ap.add_argument("--out", type=Path, help="folder for the prompts, G-cache and JSON (default: temporary)")
     args = ap.parse_args()
 
@@ -93,13 +94,16 @@ def main() -> None:
     with jsonl.open("w") as fh:
         subprocess.run([*pldr, "generate", str(args.model), "--prompts-file", str(prompts_file),
                         "--max-new-tokens", str(args.new_tokens), "--gcache", str(gcache), "--greedy",
-                        "--device", args.device, "--dtype", args.dtype, "--json"], check=True, stdout=fh)
+                        "--device", args.device, "--dtype", args.dtype, "--json",
+                        *(["--torch-compile"] if args.torch_compile else [])], check=True, stdout=fh)
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     lengths = [len(r["prompt_tokens"]) for r in rows]
     total = {k: rows[0][k] for k in ("total_new_tokens", "total_seconds", "total_tokens_per_s",
                                      "total_tokens_per_s_excluding_compile")}
     summary = {"prompts": len(rows), "prompt_tokens_min": min(lengths), "prompt_tokens_max": max(lengths),
-               "max_new_tokens": args.new_tokens, "compile_s": rows[0]["compile_s"], **total,
+               "max_new_tokens": args.new_tokens, "compile_s": rows[0]["compile_s"],
+               "prefill_ms": rows[0]["prefill_ms"], "decode_ms": max(r["decode_ms"] for r in rows),
+               "batch_decode_tokens_per_s": rows[0]["batch_decode_tokens_per_s"], **total,
                "jsonl": str(jsonl)}
     print(json.dumps(summary, indent=2))
     print(f"total_tokens_per_s {total['total_tokens_per_s']}")

@@ -39,8 +39,10 @@ class DecodeEngine:
     ``g_source``: 'file' (pass ``g_cache``, a filled GCache from a G-cache file; the metric path never
     runs), 'prefill' (G_LM from the prompt's prefill, then reused) or 'none' (no G-cache: a learned model
     recomputes G_LM from the frozen A each step; an identity-G model has no G at all).
-    ``compile``: compile the step with ``torch.compile`` and, on CUDA, capture it once as a CUDA graph
-    that reads token and position from static buffers (one replay per token, no host work in between).
+    ``compile``: compile the step with ``torch.compile``. ``graph`` (default: as ``compile``): on CUDA,
+    capture the step once as a CUDA graph that reads token and position from static buffers (one replay
+    per token, no host work in between). A graph of the eager step (``graph=True, compile=False``)
+    costs a capture instead of seconds of compiling: the better choice for short jobs.
     ``kernel``: with a fixed G_LM, write each new key and value with the Triton kernel of
     ``pldr_core.kernels.kv_write`` ('triton'; on CPU it needs TRITON_INTERPRET=1) or with torch ops
     ('torch'); 'auto' (the default) takes the kernel on CUDA. ``self.kernel`` says which one runs.
@@ -50,7 +52,7 @@ class DecodeEngine:
 
     def __init__(self, model, *, batch: int, max_len: int, g_source: str = "prefill",
                  g_cache: GCache | None = None, compile: bool = False, compile_mode: str | None = None,
-                 kernel: str = "auto", attention: str = "auto"):
+                 graph: bool | None = None, kernel: str = "auto", attention: str = "auto"):
         if g_source not in G_SOURCES:
             raise PLDRError(f"unknown g_source {g_source!r}; choose one of {', '.join(G_SOURCES)}")
         for name, value in (("kernel", kernel), ("attention", attention)):
@@ -107,7 +109,7 @@ class DecodeEngine:
         self._logits = self._next = None
         self._graph = None
         self._run = torch.compile(self._step, mode=compile_mode, fullgraph=True) if compile else self._step
-        self._use_graph = compile and self.device.type == "cuda"
+        self._use_graph = (compile if graph is None else graph) and self.device.type == "cuda"
 
     def _step(self, token: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [B, V], greedy next token [B]) of one model step at the rows' positions ``pos`` [B];
@@ -160,9 +162,9 @@ class DecodeEngine:
     def warm_up(self) -> None:
         """Compile (and on CUDA capture) the step now, so that the first real step is a replay.
 
-        A no-op without ``compile``. It writes into the caches, which the next ``prefill`` resets and
+        A no-op without ``compile`` or ``graph``. It writes into the caches, which the next ``prefill`` resets and
         rewrites (the positions it touches are written again before any query sees them)."""
-        if self.compiled and self._graph is None:
+        if (self.compiled or self._use_graph) and self._graph is None:
             self._tok.zero_()
             self._call(self._tok, 0)
 

@@ -88,8 +88,8 @@ class GenerationStats:
     """Wall time of all decode steps (the batch shares them with the KV-cache on)."""
     new_tokens: int = 0
     compile_s: float = 0.0
-    """Wall time spent compiling and capturing the decode step before decoding (``compile`` on CUDA);
-    not part of ``decode_s``."""
+    """Wall time spent capturing (and with ``torch_compile`` compiling) the decode step before
+    decoding (``compile`` on CUDA); not part of ``decode_s``."""
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -109,6 +109,7 @@ def generate(
     eos_id: int | None = None,
     stats: GenerationStats | None = None,
     compile: bool = False,
+    torch_compile: bool = False,
 ) -> Iterator[Token]:
     """Generate continuations of ``prompts`` (lists of ids, any lengths), yielding ``Token``s.
 
@@ -123,10 +124,10 @@ def generate(
     ``compile`` (with the KV-cache on; ignored without it): decode through the static-cache
     ``DecodeEngine`` instead, one engine for every row, each row at its own position, so that
     ``sampler`` still sees all rows' logits [B, V] at once (same draws as the eager path). On CUDA
-    the engine's step is compiled with ``torch.compile`` and replayed as a CUDA graph (compiled before
-    the prefill; that time goes to ``stats.compile_s``); elsewhere the engine runs eagerly (compiling
-    costs more than it saves there). Every row reports the whole prefill's time. Same tokens, same EOS
-    stopping, same ``Token``s as the eager path.
+    the engine's step is captured once as a CUDA graph and replayed (before the prefill; that time goes
+    to ``stats.compile_s``); ``torch_compile`` compiles the step with ``torch.compile`` first, which
+    costs seconds and pays off only over long runs. Elsewhere the engine runs eagerly. Every row
+    reports the whole prefill's time. Same tokens, same EOS stopping, same ``Token``s as the eager path.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise PLDRError("every prompt needs at least one token (the empty text encodes to EOS)")
@@ -141,7 +142,8 @@ def generate(
         stats.rows = [RowTiming() for _ in range(B)]
     if compile and kv_cache:
         logits, next_logits = static_prefill(model, rows, max_new_tokens=max_new_tokens, g_cache=g_cache,
-                                             eos_id=eos_id, stats=stats, device=device)
+                                             eos_id=eos_id, stats=stats, device=device,
+                                             torch_compile=torch_compile)
         yield from _decode_loop(logits, next_logits, max_new_tokens=max_new_tokens, sampler=sampler,
                                 eos_id=eos_id, stats=stats)
         return

@@ -50,6 +50,8 @@ class GenerationRequest:
     dtype: str = "float32"
     compile: bool | None = None
     """None: on CUDA with the KV-cache (ignored without it)."""
+    torch_compile: bool = False
+    """Compile the static engine's step with torch.compile (CUDA only)."""
     stream: bool | None = None
     """Report text as it is produced; None: for a single prompt only."""
 
@@ -172,7 +174,8 @@ def run_generation(req: GenerationRequest) -> Iterator[Started | TextDelta | Row
     t0 = time.perf_counter()
     for t in generate(net, prompts, max_new_tokens=req.max_new_tokens, kv_cache=req.kv_cache,
                       g_cache=gc if gc is not None else req.g_cache, sampler=plan.sampler,
-                      eos_id=net.config.eos_id, stats=stats, compile=use_compile):
+                      eos_id=net.config.eos_id, stats=stats, compile=use_compile,
+                      torch_compile=req.torch_compile):
         new_ids[t.row].append(t.id)
         if deltas and tok is not None and not t.done:
             text = continuation_text(tok, prompts[0], new_ids[0]).rstrip("\ufffd")

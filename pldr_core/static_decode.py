@@ -4,7 +4,8 @@
 loop needs from the engine: the prefill's logits and a function that runs one decode step for the
 whole batch. Prompts of one length are prefilled in one forward; prompts of mixed lengths row by row
 where G_LM comes from each prompt (A sums over every position, so padding would change it), else in
-right-padded forwards (``DecodeEngine.prefill_rows``). Every decode step is the one compiled step.
+right-padded forwards (``DecodeEngine.prefill_rows``). On CUDA every decode step is one replay of the
+step captured as a CUDA graph (of the eager step, or of the ``torch.compile``d one).
 """
 
 from __future__ import annotations
@@ -42,16 +43,17 @@ def _g_source(model, g_cache: bool | GCache) -> tuple[str, GCache | None]:
 @torch.inference_mode(False)
 @torch.no_grad()
 def static_prefill(model, rows: list[torch.Tensor], *, max_new_tokens: int, g_cache: bool | GCache,
-                   eos_id: int | None, stats, device: torch.device):
-    """Build the engine (compiling it on CUDA, timed into ``stats.compile_s``), prefill every row
+                   eos_id: int | None, stats, device: torch.device, torch_compile: bool = False):
+    """Build the engine (on CUDA its step captured as a CUDA graph, compiled first with
+    ``torch_compile``; the time goes to ``stats.compile_s``), prefill every row
     (``stats.rows[b].prefill_ms``: the whole prefill's time) and return ``(logits [B, V], next_logits)``,
     where ``next_logits(step, chosen, active, previous)`` runs decode step ``step`` for all rows."""
     lengths = [len(ids) for ids in rows]
     g_source, g_file = _g_source(model, g_cache)
-    use_compile = device.type == "cuda"
+    cuda = device.type == "cuda"
     engine = DecodeEngine(model, batch=len(rows), max_len=max(lengths) + max_new_tokens, g_source=g_source,
-                          g_cache=g_file, compile=use_compile)
-    if use_compile and max_new_tokens > 1:
+                          g_cache=g_file, compile=torch_compile and cuda, graph=cuda)
+    if cuda and max_new_tokens > 1:
         t0 = time.perf_counter()
         engine.warm_up()
         sync(device)

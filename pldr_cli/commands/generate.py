@@ -24,7 +24,7 @@ EPILOG = """Examples:
 
 With --gcache FILE (from `pldr export-gcache`) the metric path never runs, not even at prefill, and the command also reports how far that G-cache moves the prompt's logits from full PLGA (max |logit diff| and greedy next-token agreement): the paper's claim, measured. Several prompts are decoded together as one batch; each gets the tokens it gets alone. --json prints one JSON object per prompt per line; the whole run's totals (total_new_tokens, total_seconds, total_tokens_per_s) are in every one.
 
---compile (default on CUDA with the KV-cache) decodes through a static-cache engine whose step is compiled with torch.compile and replayed as a CUDA graph, with the same tokens as eager decoding. The one-off compile time is reported apart (compile_s). On CPU --compile runs the same engine without torch.compile (no speed-up expected); with --no-kv-cache it is ignored."""
+--compile (default on CUDA with the KV-cache) decodes through a static-cache engine whose step is captured once as a CUDA graph and replayed for every token, with the same tokens as eager decoding; --torch-compile also compiles that step with torch.compile first (seconds of compiling, so only worth it for long runs). The one-off capture and compile time is reported apart (compile_s). On CPU --compile runs the same engine without a graph (no speed-up expected); with --no-kv-cache it is ignored."""
 
 
 def register(app: typer.Typer) -> None:
@@ -62,9 +62,11 @@ def generate(
                                    "model directory's tokenizer.model)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 or float64."),
-    compile_: bool = typer.Option(None, "--compile/--no-compile", help="Static-cache engine, compiled "
-                                  "with CUDA graphs on CUDA. Default: on for CUDA with the KV-cache, off "
+    compile_: bool = typer.Option(None, "--compile/--no-compile", help="Static-cache engine, its step "
+                                  "replayed as a CUDA graph on CUDA. Default: on for CUDA with the KV-cache, off "
                                   "on CPU (there it runs uncompiled). Ignored with --no-kv-cache."),
+    torch_compile: bool = typer.Option(False, "--torch-compile", help="Also compile the static engine's "
+                                       "step with torch.compile (CUDA only): seconds up front, for long runs."),
 ) -> None:
     from pldr_core.generation import GenerationRequest, RowDone, Started, TextDelta, run_generation
 
@@ -72,7 +74,7 @@ def generate(
         model=model, texts=list(prompt or []), prompts_file=prompts_file, token_prompts=list(tokens or []),
         tokenizer=tokenizer, gcache=gcache, force=force, kv_cache=kv_cache, g_cache=g_cache,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-        greedy=greedy, seed=seed, device=device, dtype=dtype, compile=compile_,
+        greedy=greedy, seed=seed, device=device, dtype=dtype, compile=compile_, torch_compile=torch_compile,
         stream=False if as_json else stream)
     out = sys.stdout
     labels, stream_on = [], False
@@ -125,7 +127,7 @@ def _summary(result) -> None:
         if row["compile"]:
             line += ", static engine"
             if row["compile_s"]:
-                line += f" (compiled in {row['compile_s']:.1f} s)"
+                line += f" (set up in {row['compile_s']:.1f} s)"
         fid = row.get("gcache_fidelity")
         if fid is not None:
             line += (f"\n{tag}G-cache vs full PLGA on this prompt: max |logit diff| "
