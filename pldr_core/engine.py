@@ -8,7 +8,8 @@ prefill, a G-cache file or the frozen weights; with the KV-cache alone a learned
 from the frozen A each step, as the eager model does), and the step compiled with ``torch.compile``
 and replayed as one captured CUDA graph per token. Rows either share one prompt length (``prefill``,
 ``generate``) or are prefilled one at a time and stepped each at its own position (``prefill_row``,
-``step_rows``: continuous batching in ``pldr_core.serve``).
+``step_rows``, or ``greedy_chunk``: several greedy steps in one replay; continuous batching in
+``pldr_core.serve``).
 
 The prefill is the eager model itself (``model(prompt, kv_cache=..., g_cache=...)``): it writes straight
 into the engine's buffers, so the cache semantics stay those of the library.
@@ -108,6 +109,8 @@ class DecodeEngine:
         self._pos = torch.zeros(batch, dtype=torch.long, device=self.device)  # one position per row
         self._logits = self._next = None
         self._graph = None
+        self._chunk_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._chunks_out: dict[int, torch.Tensor] = {}
         self._run = torch.compile(self._step, mode=compile_mode, fullgraph=True) if compile else self._step
         self._use_graph = (compile if graph is None else graph) and self.device.type == "cuda"
 
@@ -159,14 +162,21 @@ class DecodeEngine:
         return self._logits
 
     @torch.no_grad()
-    def warm_up(self) -> None:
-        """Compile (and on CUDA capture) the step now, so that the first real step is a replay.
+    def warm_up(self, chunk: int | None = None) -> None:
+        """Compile (and on CUDA capture) the step now, so that the first real step is a replay; with
+        ``chunk``, also capture ``greedy_chunk(chunk)``.
 
-        A no-op without ``compile`` or ``graph``. It writes into the caches, which the next ``prefill`` resets and
-        rewrites (the positions it touches are written again before any query sees them)."""
-        if (self.compiled or self._use_graph) and self._graph is None:
+        A no-op without ``compile`` or ``graph``. It writes into the caches, which the next ``prefill``
+        resets and rewrites (the positions it touches are written again before any query sees them)."""
+        if not (self.compiled or self._use_graph):
+            return
+        if self._graph is None:
             self._tok.zero_()
             self._call(self._tok, 0)
+        if chunk and self._use_graph and chunk not in self._chunk_graphs:
+            self._tok.zero_()
+            self._pos.zero_()
+            self.greedy_chunk(chunk)
 
     @torch.no_grad()
     def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
@@ -298,6 +308,69 @@ class DecodeEngine:
                 self._tok.copy_(token)
                 self._step_again()
         return out
+
+    @torch.no_grad()
+    def set_rows(self, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """Set the next input of rows ``rows`` [n] to ``tokens`` [n] at ``positions`` [n] (device
+        tensors; no host work, so this queues behind whatever the device is running)."""
+        self._tok[rows] = tokens
+        self._pos[rows] = positions
+
+    @torch.no_grad()
+    def greedy_chunk(self, n: int) -> torch.Tensor:
+        """Run ``n`` greedy steps of every row from its next input (``set_rows``, ``step_rows`` or
+        the last chunk), each row at its own position; [B, n + 1] on the device: column 0 the inputs,
+        then the tokens chosen. Each row's next input is then its last chosen token.
+
+        A row's position stops at the last one (later steps rewrite it): rows that are free or done
+        may run past their end without leaving the cache. The output is a static buffer, rewritten by
+        the next chunk (copy to keep). On CUDA the ``n`` steps are one captured CUDA graph (one per
+        ``n``), replayed without host work: the host can prepare the next chunk meanwhile."""
+        if n < 1:
+            raise PLDRError(f"a chunk runs at least one step, got {n}")
+        out = self._chunks_out.get(n)
+        if out is None:
+            out = self._chunks_out[n] = torch.empty(self.batch, n + 1, dtype=torch.long, device=self.device)
+        if not self._use_graph:
+            self._chunk_body(out)
+            return out
+        graph = self._chunk_graphs.get(n)
+        if graph is None:
+            graph = self._chunk_graphs[n] = self._capture_chunk(out)
+        graph.replay()
+        return out
+
+    def _chunk_body(self, out: torch.Tensor) -> None:
+        out[:, 0] = self._tok
+        last = self.max_len - 1
+        for i in range(1, out.shape[1]):
+            self._body()
+            out[:, i] = self._next
+            self._tok.copy_(self._next)
+            self._pos.clamp_(max=last)
+
+    def _capture_chunk(self, out: torch.Tensor) -> torch.cuda.CUDAGraph:
+        # As ``_capture``: warm up on a side stream, then capture, restoring the inputs around each
+        # (the writes land at positions that real steps rewrite before any query sees them). The
+        # one-step graph's outputs are kept: ``_body`` rebinds them while the chunk is captured.
+        if self._graph is None:
+            self._capture()
+        keep = self._logits, self._next
+        tok, pos = self._tok.clone(), self._pos.clone()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._chunk_body(out)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._tok.copy_(tok)
+        self._pos.copy_(pos)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._chunk_body(out)
+        self._tok.copy_(tok)
+        self._pos.copy_(pos)
+        self._logits, self._next = keep
+        return graph
 
     def _step_again(self) -> None:
         """Next step from ``self._tok`` at the position the last step left (no host work)."""

@@ -133,3 +133,33 @@ def test_rows_prefilled_together_equal_rows_prefilled_alone(g_mode, g_source):
         torch.testing.assert_close(together.prefill_rows(rows, prompts), want, rtol=0, atol=1e-12)
         torch.testing.assert_close(together.step_rows(tokens, pos)[rows], alone.step_rows(tokens, pos)[rows],
                                    rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("g_mode,g_source", [("learned", "prefill"), ("learned", "file"), ("identity", "none")])
+def test_greedy_chunk_equals_greedy_steps_one_at_a_time(g_mode, g_source):
+    # Several greedy steps in one launch, tokens chosen and fed back on the device, give each row the
+    # tokens of single steps; a row that reaches the last position stays there (its later steps
+    # rewrite it) and the other rows are unaffected.
+    model = tiny_model(g_mode)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(4, 64, (n,), generator=gen) for n in (3, 9, 1)]
+    gfile = _file_cache(model, prompts[0][None]) if g_source == "file" else None
+    chunked = DecodeEngine(model, batch=3, max_len=12, g_source=g_source, g_cache=gfile)
+    single = DecodeEngine(model, batch=3, max_len=12, g_source=g_source, g_cache=gfile)
+    rows = [0, 1, 2]
+    first = chunked.prefill_rows(rows, prompts).argmax(-1)
+    torch.testing.assert_close(single.prefill_rows(rows, prompts).argmax(-1), first)
+    pos = torch.tensor([len(p) for p in prompts])
+    chunked.set_rows(torch.tensor(rows), first, pos)
+    want, token = [first], first
+    for _ in range(4):  # row 1 (9 + 1 + 4 > 12) reaches the last position
+        token = single.step_rows(token, pos.clamp(max=11)).argmax(-1)
+        want.append(token)
+        pos += 1
+    got = chunked.greedy_chunk(2).clone()
+    assert torch.equal(got[:, 0], first) and torch.equal(got[:, 1:], torch.stack(want[1:3], 1))
+    got = chunked.greedy_chunk(2)  # past the cache, row 1 would fail to write its keys
+    assert torch.equal(got[:, 0], want[2])
+    assert torch.equal(got[[0, 2], 1:], torch.stack(want[3:5], 1)[[0, 2]])
+    with pytest.raises(Exception, match="at least one step"):
+        chunked.greedy_chunk(0)

@@ -146,6 +146,35 @@ def test_sixteen_concurrent_clients_get_what_they_get_alone(server, model_dir):
     assert server.metric("pldr_active_rows") == 0 and server.metric("pldr_queue_length") == 0
 
 
+def test_greedy_sampled_and_logprob_requests_together_get_what_they_get_alone(server, model_dir):
+    # Greedy rows alone run several steps a launch (static engine); a sampled or logprobs request
+    # among them turns the batch back to single steps and then, once it is done, to chunks again.
+    chunks = server.metric("pldr_decode_chunks_total")
+    greedy = [(" ".join(WORDS[i:i + 3]), 20 + 7 * i) for i in range(5)]
+    want = [generate_alone(model_dir, p, n)["new_tokens"] for p, n in greedy]
+    sampled = generate_alone(model_dir, "the", 8, sampling=("--seed", 5, "--temperature", 1.1))
+
+    def one(i):
+        time.sleep(0.05 * i)
+        if i == 5:
+            c = server.client.completions.create(model=MODEL_ID, prompt="the", max_tokens=8, seed=5,
+                                                 temperature=1.1, extra_body={"top_k": 50}).choices[0]
+        elif i == 6:
+            c = complete(server, greedy[0][0], 6, logprobs=1).choices[0]
+            assert len(c.logprobs.token_logprobs) == len(c.model_extra["token_ids"])
+        else:
+            c = complete(server, *greedy[i]).choices[0]
+        return c.model_extra["token_ids"]
+
+    with ThreadPoolExecutor(7) as pool:
+        got = list(pool.map(one, range(7)))
+    assert got[:5] == want and got[5] == sampled["new_tokens"] and got[6] == want[0][:6]
+    if server.scheduler.step.chunk:
+        assert server.metric("pldr_decode_chunks_total") > chunks
+    else:
+        assert server.metric("pldr_decode_chunks_total") == chunks == 0
+
+
 def test_short_request_after_a_long_one_finishes_first(server, model_dir):
     long_prompt, short_prompt = LONG, "power law"
     assert generate_alone(model_dir, long_prompt, 300)["finish_reason"] == "length"
@@ -275,6 +304,8 @@ def test_cli_serve_refuses_bad_options(model_dir):
     assert r.exit_code == 2 and "--engine" in r.output
     r = run_cli("serve", model_dir, "--max-len", 1)
     assert r.exit_code == 2 and "--max-len" in r.output
+    r = run_cli("serve", model_dir, "--chunk-steps", -1)
+    assert r.exit_code == 2 and "--chunk-steps" in r.output
     r = run_cli("serve", model_dir, "--stream-interval", -1)
     assert r.exit_code == 2 and "--stream-interval" in r.output
     assert run_cli("serve", "--help").exit_code == 0

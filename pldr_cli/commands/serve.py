@@ -16,7 +16,7 @@ EPILOG = """Examples:
 
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"model": "runs/qs/run/final", "prompt": "To be, or not to be", "max_tokens": 24, "temperature": 0}'
 
-Endpoints: GET /v1/models, POST /v1/completions (prompt a string, a list of strings or token ids; max_tokens, temperature, top_p, top_k, seed, stop, stream, logprobs), GET /health, GET /metrics (Prometheus text). The model id is MODEL as given (or --name). Up to --max-batch prompts decode together; a new one takes the first free row between decode steps, so a short request never waits for a long one. With --gcache the metric path never runs; without it each prompt's G_LM comes from its own prefill (the response's "pldr" field says which)."""
+Endpoints: GET /v1/models, POST /v1/completions (prompt a string, a list of strings or token ids; max_tokens, temperature, top_p, top_k, seed, stop, stream, logprobs), GET /health, GET /metrics (Prometheus text). The model id is MODEL as given (or --name). Up to --max-batch prompts decode together; a new one takes the first free row between decode steps, so a short request never waits for a long one. While every row decodes greedily without logprobs, the static engine runs --chunk-steps steps per launch with the tokens chosen and fed back on the GPU, and the host reads them back one chunk behind, while the next chunk runs; a sampled or logprobs request turns the batch to single steps until it is done. With --gcache the metric path never runs; without it each prompt's G_LM comes from its own prefill (the response's "pldr" field says which)."""
 
 
 def register(app: typer.Typer) -> None:
@@ -49,6 +49,9 @@ def serve(
                                           "first chunk is always sent at once)."),
     max_len: int = typer.Option(None, "--max-len", help="Positions a row holds, prompt + max_tokens "
                                 "(default: the model's context). Smaller is faster on the static engine."),
+    chunk_steps: int = typer.Option(8, "--chunk-steps", help="Greedy steps the static engine runs per "
+                                    "launch while every row decodes greedily without logprobs, tokens "
+                                    "fed back on the device (0: one step at a time)."),
 ) -> None:
     from pldr_core.checkpoint import load_config
     from pldr_core.device import resolve_dtype
@@ -74,12 +77,14 @@ def serve(
         raise fail(f"--stream-interval must be in 0..10000 ms, got {stream_interval}")
     if max_len is not None and not 2 <= max_len <= config.max_seq_len:
         raise fail(f"--max-len must be in 2..{config.max_seq_len} (the model's context), got {max_len}")
+    if not 0 <= chunk_steps <= 256:
+        raise fail(f"--chunk-steps must be in 0..256, got {chunk_steps}")
     if max_len is not None and max_new_tokens >= max_len:
         max_new_tokens = max_len - 1
     typer.echo("loading the model (on a GPU the static engine compiles its step first)", err=True)
     scheduler, tok, net = load_scheduler(model, max_batch=max_batch, gcache=gcache, force=force,
                                          tokenizer=tokenizer, device=device, dtype=dtype, engine=engine,
-                                         max_len=max_len)
+                                         max_len=max_len, chunk=chunk_steps)
     app = create_app(scheduler, model_id=name or str(model).rstrip("/"), tokenizer=tok,
                      vocab_size=net.config.vocab_size, max_new_tokens=max_new_tokens, api_key=api_key,
                      stream_interval=stream_interval / 1e3)

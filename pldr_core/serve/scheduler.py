@@ -7,6 +7,13 @@ runs every row at once with per-row positions; a free row is fed a harmless toke
 its output dropped (the row is prefilled afresh when a request takes it). Each request samples with
 its own ``Sampler``, so a row gets the tokens it would get alone.
 
+While every row decodes greedily without logprobs and the step can (the static engine), rows run
+``step.chunk`` steps per launch instead, each token chosen and fed back on the device; the host takes in
+a chunk's tokens (one event per row) while the next chunk runs, so rows that finished or were freed in
+between run on unused until it lands. A new row's first token is reported by the first chunk after
+its prefill. Any other request turns the batch back to single steps (the chunk in flight taken in
+first) until it is done.
+
 The step itself sits behind ``DecodeStep`` (``pldr_core.serve.steps``: a prefill of rows and a
 decode step of all rows): the eager model's cached forward, or the static-cache engine's compiled step.
 Results go back through each request's ``emit`` callback, called on the scheduler thread.
@@ -15,6 +22,7 @@ Results go back through each request's ``emit`` callback, called on the schedule
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import queue
 import threading
@@ -103,7 +111,10 @@ class Scheduler:
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
         self._lock = threading.Lock()
         self._started = time.monotonic()
-        self.counts = {"jobs": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0}
+        self._inflight = None  # (Chunk, rows at its launch) of the chunk the host has not taken in yet
+        self._inputs_on_host = True  # the rows' next inputs are new_ids[-1] at position, not on the device
+        self.counts = {"jobs": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0,
+                       "chunks": 0}
 
     @property
     def max_len(self) -> int:
@@ -143,8 +154,21 @@ class Scheduler:
     # ---- the scheduler thread ------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopping:
-            self._take(block=not self._rows)
+            self._take(block=not self._rows and self._inflight is None)
             self._retire_cancelled()
+            try:
+                if self._chunked():
+                    if self._inputs_on_host:
+                        self._upload_inputs()
+                    self._admit(on_device=True)
+                    self._chunk_step()
+                    continue
+                self._drain()
+            except Exception as exc:  # a failed chunk fails its rows, not the server
+                log.exception("decode chunk failed")
+                self._inflight = None
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+                continue
             self._admit()
             if self._rows:
                 try:
@@ -152,6 +176,14 @@ class Scheduler:
                 except Exception as exc:  # a failed step fails its rows, not the server
                     log.exception("decode step failed")
                     self._fail_all(f"{type(exc).__name__}: {exc}")
+
+    def _chunked(self) -> bool:
+        """Whether the next rows all decode greedily without logprobs: then they run ``step.chunk``
+        steps a launch, tokens chosen on the device, and the host reads them back one chunk behind."""
+        if not self.step.chunk:
+            return False
+        admitted = itertools.islice(self._pending, len(self._free))
+        return all(_plain_greedy(job) for job in itertools.chain((r.job for r in self._rows.values()), admitted))
 
     def _take(self, block: bool) -> None:
         try:
@@ -168,8 +200,9 @@ class Scheduler:
         for b in [b for b, row in self._rows.items() if row.job.cancelled.is_set()]:
             self._free_row(b, "cancelled")
 
-    def _admit(self) -> None:
-        """Give queued jobs the free rows and prefill them together (one failed prefill fails them)."""
+    def _admit(self, on_device: bool = False) -> None:
+        """Give queued jobs the free rows and prefill them together (one failed prefill fails them).
+        ``on_device``: their greedy first tokens stay on the device for the next chunk to report."""
         admitted: dict[int, _Row] = {}
         while self._free and self._pending:
             job = self._pending.popleft()
@@ -182,8 +215,11 @@ class Scheduler:
             return
         try:
             device = self.step.device
-            logits = self.step.prefill_rows(list(admitted), [torch.tensor(row.job.prompt, device=device)
-                                                             for row in admitted.values()])
+            prompts = [torch.tensor(row.job.prompt, device=device) for row in admitted.values()]
+            if on_device:
+                self.step.start_rows(list(admitted), prompts)
+                return
+            logits = self.step.prefill_rows(list(admitted), prompts)
             self._choose(admitted, logits, {b: i for i, b in enumerate(admitted)})
         except Exception as exc:  # a failed prefill fails its requests, not the server
             log.exception("prefill failed")
@@ -191,6 +227,44 @@ class Scheduler:
                 if b in self._rows:
                     _send(row.job, Event(index=row.job.index, error=f"{type(exc).__name__}: {exc}"))
                     self._free_row(b, "failed")
+
+    def _upload_inputs(self) -> None:
+        """Hand the rows' next inputs, known on the host after single steps, to the device."""
+        tokens = [0] * self.step.batch
+        positions = [0] * self.step.batch
+        for b, row in self._rows.items():
+            tokens[b], positions[b] = row.new_ids[-1], row.position
+        self.step.set_inputs(tokens, positions)
+        self._inputs_on_host = False
+
+    def _chunk_step(self) -> None:
+        """Launch the next chunk of every row, then take in the one before it (which the device has
+        finished or is finishing), so that the host's work overlaps the device's."""
+        launched = None
+        if self._rows:
+            launched = (self.step.launch(), dict(self._rows))
+            self.counts["steps"] += self.step.chunk
+            self.counts["chunks"] += 1
+        previous, self._inflight = self._inflight, launched
+        if previous is not None:
+            self._take_chunk(*previous)
+
+    def _drain(self) -> None:
+        """Take in the chunk in flight, if any: the rows' inputs are then known on the host."""
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            self._take_chunk(*previous)
+        self._inputs_on_host = True
+
+    def _take_chunk(self, chunk, rows: dict[int, _Row]) -> None:
+        """Accept each row's tokens of ``chunk``; rows that finished or were freed since its launch (its
+        later tokens run on unused) are skipped. Column 0 is the row's input: a new row's first token."""
+        ids = chunk.tokens()
+        taken = 0
+        for b, row in rows.items():
+            if self._rows.get(b) is row:
+                taken += self._accept(b, row, ids[b] if not row.new_ids else ids[b][1:])
+        self._count(taken)
 
     def _decode(self) -> None:
         tokens = [0] * self.step.batch
@@ -214,30 +288,41 @@ class Scheduler:
         for b, row in rows.items():
             if b not in chosen:
                 chosen[b] = int(row.job.sampler(logits[at[b]:at[b] + 1])[0])
+        for b, row in rows.items():
+            self._accept(b, row, [chosen[b]], logits[at[b]])
+        self._count(len(rows))
+
+    def _count(self, tokens: int) -> None:
         now = time.monotonic()
         with self._lock:
-            self._recent.append((now, len(rows)))
+            self._recent.append((now, tokens))
             while now - self._recent[0][0] > RATE_WINDOW_S:
                 self._recent.popleft()
-        for b, row in rows.items():
-            self._accept(b, row, chosen[b], logits, at[b])
 
-    def _accept(self, b: int, row: _Row, token: int, logits: torch.Tensor, at: int) -> None:
+    def _accept(self, b: int, row: _Row, tokens: list[int], logits: torch.Tensor | None = None) -> int:
+        """Append ``tokens`` to row ``b`` up to its finish and send them as one event; with
+        ``logits`` [V] (one token) also its logprobs. Returns how many were taken."""
         job = row.job
-        row.new_ids.append(token)
-        self.counts["tokens"] += 1
-        at_eos = token == self.eos_id
-        final = at_eos or len(row.new_ids) >= job.max_tokens
-        offset = len(row.text.text)
-        text = row.text.push(token, final)
-        finish = "stop" if at_eos or row.text.stopped else "length" if final else None
-        event = Event(index=job.index, text=text, token_ids=[token], finish_reason=finish,
+        texts, taken, finish, offset = [], [], None, len(row.text.text)
+        for token in tokens:
+            offset = len(row.text.text)
+            row.new_ids.append(token)
+            taken.append(token)
+            at_eos = token == self.eos_id
+            final = at_eos or len(row.new_ids) >= job.max_tokens
+            texts.append(row.text.push(token, final))
+            finish = "stop" if at_eos or row.text.stopped else "length" if final else None
+            if finish is not None:
+                break
+        self.counts["tokens"] += len(taken)
+        event = Event(index=job.index, text="".join(texts), token_ids=taken, finish_reason=finish,
                       prompt_tokens=len(job.prompt), completion_tokens=len(row.new_ids))
-        if job.logprobs is not None:
-            event.logprobs.append(self._logprob(token, logits[at], job.logprobs, offset))
+        if job.logprobs is not None and logits is not None:
+            event.logprobs.append(self._logprob(taken[-1], logits, job.logprobs, offset))
         _send(job, event)
         if finish is not None:
             self._free_row(b, "finished")
+        return len(taken)
 
     def _logprob(self, token: int, logits: torch.Tensor, top: int, offset: int) -> TokenLogprob:
         lp = torch.log_softmax(logits.float(), -1)
@@ -259,6 +344,10 @@ class Scheduler:
         for b, row in list(self._rows.items()):
             _send(row.job, Event(index=row.job.index, error=message))
             self._free_row(b, "failed")
+
+
+def _plain_greedy(job: Job) -> bool:
+    return job.sampler.greedy and job.logprobs is None
 
 
 def _send(job: Job, event: Event) -> None:

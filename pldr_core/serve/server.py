@@ -364,6 +364,7 @@ def _prometheus(m: dict, served: dict) -> str:
         ("pldr_completions_failed_total", "counter", "Prompts that failed in the model.", m["failed"]),
         ("pldr_tokens_generated_total", "counter", "Tokens generated.", m["tokens"]),
         ("pldr_decode_steps_total", "counter", "Batched decode steps run.", m["steps"]),
+        ("pldr_decode_chunks_total", "counter", "Launches of several greedy steps at once.", m["chunks"]),
         ("pldr_queue_length", "gauge", "Prompts waiting for a free row.", m["queued"]),
         ("pldr_active_rows", "gauge", "Rows decoding now.", m["active"]),
         ("pldr_rows", "gauge", "Rows in the batch (--max-batch).", m["rows"]),

@@ -25,6 +25,8 @@ class DecodeStep(Protocol):
     batch: int
     max_len: int
     device: torch.device
+    chunk: int
+    """Greedy steps one ``launch`` runs (0: this step has no chunks; every step goes through ``step``)."""
 
     def prefill_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
         """Reset rows ``rows`` and run prompt ``prompts[i]`` [S_i] into row ``rows[i]``; the logits
@@ -32,6 +34,37 @@ class DecodeStep(Protocol):
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` [B] at ``positions`` [B] (one per row); logits [B, V]."""
+
+    # With ``chunk`` > 0, greedy rows can also run ``chunk`` steps at a time, their tokens chosen and
+    # fed back on the device:
+    def start_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> None:
+        """Prefill as ``prefill_rows``; each row's next input is its greedy first token, left on the
+        device (the next ``launch`` reports it)."""
+
+    def set_inputs(self, tokens: list[int], positions: list[int]) -> None:
+        """Every row's next input: ``tokens[b]`` at ``positions[b]``."""
+
+    def launch(self) -> "Chunk":
+        """Start ``chunk`` greedy steps of every row from its next input; returns at once on a GPU."""
+
+
+class Chunk:
+    """A launched chunk's tokens [B, n + 1] (column 0 each row's input, then its n chosen tokens),
+    copied to the host behind the steps; ``tokens`` waits for them."""
+
+    def __init__(self, out: torch.Tensor):
+        if out.is_cuda:
+            self._host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            self._host.copy_(out, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host, self._done = out.clone(), None
+
+    def tokens(self) -> list[list[int]]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
 
 
 def _g_source(model, g_cache: GCache | None) -> str:
@@ -44,6 +77,7 @@ class EagerStep:
     """``DecodeStep`` on the eager model with a ``KVCache`` (and, for prefill G, a ``GCache``)."""
 
     name = "eager"
+    chunk = 0
 
     def __init__(self, model, *, batch: int, max_len: int, g_cache: GCache | None = None):
         self.model, self.batch, self.max_len = model, batch, max_len
@@ -77,14 +111,15 @@ class EagerStep:
 
 
 class EngineStep:
-    """``DecodeStep`` on the static-cache ``DecodeEngine``: every row in one step (compiled and replayed
-    as one CUDA graph with ``compile`` on a GPU), each at its own position.
+    """``DecodeStep`` on the static-cache ``DecodeEngine``: every row in one step (replayed as one CUDA
+    graph on a GPU, compiled first with ``compile``), each at its own position, and ``chunk`` greedy
+    steps in one replay (``DecodeEngine.greedy_chunk``).
 
     Rows admitted together are prefilled by ``DecodeEngine.prefill_rows``: in right-padded forwards
     where G_LM is fixed, each alone where it comes from the prompt."""
 
     def __init__(self, model, *, batch: int, max_len: int, g_cache: GCache | None = None,
-                 compile: bool = False):
+                 compile: bool = False, chunk: int = 8):
         self.model, self.batch, self.max_len = model, batch, max_len
         self.g_source = _g_source(model, g_cache)
         source = {"model": "none", "file": "file", "prefill": "prefill"}[self.g_source]
@@ -92,10 +127,24 @@ class EngineStep:
                                    compile=compile)
         self.device = self.engine.device
         self.name = "static, compiled" if compile else "static"
-        self.engine.warm_up()
+        self.chunk = chunk
+        self._rows = torch.arange(batch, device=self.device)
+        self.engine.warm_up(chunk=chunk or None)
 
     def prefill_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
         return self.engine.prefill_rows(rows, prompts)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.engine.step_rows(tokens, positions)
+
+    def start_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> None:
+        first = self.engine.prefill_rows(rows, prompts).argmax(-1)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        self.engine.set_rows(torch.tensor(rows, device=self.device), first, lengths)
+
+    def set_inputs(self, tokens: list[int], positions: list[int]) -> None:
+        self.engine.set_rows(self._rows, torch.tensor(tokens, device=self.device),
+                             torch.tensor(positions, device=self.device))
+
+    def launch(self) -> Chunk:
+        return Chunk(self.engine.greedy_chunk(self.chunk))
