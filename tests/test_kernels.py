@@ -453,8 +453,9 @@ def test_cast_for_inference_keeps_the_metric_path_fp32():
 # ---- GPU: compiled engine and fused training --------------------------------------------------------
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("how", [dict(compile=True), dict(graph=True)], ids=["compiled", "graph"])
 @pytest.mark.parametrize("g_source", ["file", "prefill"])
-def test_compiled_engine_matches_eager_on_gpu(g_source):
+def test_compiled_engine_matches_eager_on_gpu(g_source, how):
     from pldr_core.build import build_model
     from pldr_core.config import preset
 
@@ -463,11 +464,42 @@ def test_compiled_engine_matches_eager_on_gpu(g_source):
     kw, ekw = _cache_kwargs(model, prompt, g_source)
     ref = torch.stack([s.token for s in decode_steps(model, prompt, 24, kv_cache=True, **kw)], 1)
     eager = DecodeEngine(model, batch=4, max_len=40, g_source=g_source, **ekw).generate(prompt, 24)
-    compiled = DecodeEngine(model, batch=4, max_len=40, g_source=g_source, compile=True, **ekw)
+    compiled = DecodeEngine(model, batch=4, max_len=40, g_source=g_source, **how, **ekw)
     compiled.generate(prompt, 24)
     got = compiled.generate(prompt, 24)
     assert torch.equal(eager, ref)
     assert torch.equal(got, ref)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("how", [dict(compile=True), dict(graph=True)], ids=["compiled", "graph"])
+def test_greedy_chunks_replayed_on_gpu_equal_single_steps(how):
+    # The serving path: rows of different lengths, several greedy steps per captured replay, twice
+    # (the second chunk starts from the first one's last tokens, left on the device).
+    from pldr_core.build import build_model
+    from pldr_core.config import preset
+
+    model = build_model(preset("small", g_mode="learned"), seed=0).cuda().eval()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(4, 8000, (n,), generator=gen).cuda() for n in (5, 17, 9)]
+    gfile = _file_cache(model, prompts[0][None])
+    single = DecodeEngine(model, batch=3, max_len=40, g_source="file", g_cache=gfile)
+    chunked = DecodeEngine(model, batch=3, max_len=40, g_source="file", g_cache=gfile, **how)
+    chunked.warm_up(chunk=6)
+    rows = torch.arange(3).cuda()
+    token = single.prefill_rows([0, 1, 2], prompts).argmax(-1)
+    pos = torch.tensor([len(p) for p in prompts]).cuda()
+    chunked.set_rows(rows, chunked.prefill_rows([0, 1, 2], prompts).argmax(-1), pos)
+    want = [token]
+    for _ in range(12):
+        token = single.step_rows(token, pos).argmax(-1)
+        want.append(token)
+        pos += 1
+    first = chunked.greedy_chunk(6).clone()
+    second = chunked.greedy_chunk(6)
+    assert torch.equal(first, torch.stack(want[:7], 1))
+    assert torch.equal(second, torch.stack(want[6:], 1))
 
 
 @gpu
