@@ -63,3 +63,30 @@ def test_ids_past_the_tokenizer_decode_to_nothing(tok):
     assert tok.decode(head + [past]) == tok.decode(head) and tok.id_to_piece(past) == ""
     out, text, _ = streamed(tok, head, [past, head[0], past], plain=plain_pieces(tok))
     assert text == tok.decode(head + [head[0]])[len(tok.decode(head)):]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tokens_taken_in_runs_stream_what_they_stream_one_by_one(tok, seed):
+    # A served chunk hands a row several tokens at once (``extend``): the text is that of pushing them
+    # one at a time, however the tokens are split into runs.
+    rng = random.Random(seed)
+    ids = [t for text in TEXTS for t in tok.encode(text)]
+    plain = plain_pieces(tok)
+    for _ in range(40):
+        prompt = rng.choice([[tok.eos_id], ids[:rng.randint(1, 9)]])
+        if rng.random() < 0.5:
+            start = rng.randrange(len(ids) - 30)
+            tokens = ids[start:start + rng.randint(1, 30)]
+        else:
+            tokens = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 30))]
+        stop = tuple(rng.sample(["a", "the", ", t"], rng.randint(0, 1)))
+        out, text, stopped = streamed(tok, prompt, tokens, stop, plain)
+        if stopped:
+            continue  # a stop string ends the completion where one token completes it: one by one
+        stream = TextStream(tok, prompt, stop, plain)
+        runs, i = [], 0
+        while i < len(tokens):
+            n = rng.randint(1, 9)
+            runs.append(stream.extend(tokens[i:i + n], i + n >= len(tokens)))
+            i += n
+        assert "".join(runs) == "".join(out) == text == stream.text

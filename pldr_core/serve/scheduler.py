@@ -303,19 +303,26 @@ class Scheduler:
         """Append ``tokens`` to row ``b`` up to its finish and send them as one event; with
         ``logits`` [V] (one token) also its logprobs. Returns how many were taken."""
         job = row.job
-        texts, taken, finish, offset = [], [], None, len(row.text.text)
-        for token in tokens:
-            offset = len(row.text.text)
-            row.new_ids.append(token)
-            taken.append(token)
-            at_eos = token == self.eos_id
-            final = at_eos or len(row.new_ids) >= job.max_tokens
-            texts.append(row.text.push(token, final))
-            finish = "stop" if at_eos or row.text.stopped else "length" if final else None
-            if finish is not None:
-                break
+        taken = tokens[:job.max_tokens - len(row.new_ids)]
+        if self.eos_id in taken:
+            taken = taken[:taken.index(self.eos_id) + 1]
+        at_eos = taken[-1] == self.eos_id
+        final = at_eos or len(row.new_ids) + len(taken) >= job.max_tokens
+        offset = len(row.text.text)
+        if job.stop:  # token by token: a stop string ends the completion at the token that makes it
+            texts = []
+            for i, token in enumerate(taken):
+                texts.append(row.text.push(token, final and i == len(taken) - 1))
+                if row.text.stopped:
+                    taken, final = taken[:i + 1], True
+                    break
+            text = "".join(texts)
+        else:
+            text = row.text.extend(taken, final)
+        row.new_ids += taken
         self.counts["tokens"] += len(taken)
-        event = Event(index=job.index, text="".join(texts), token_ids=taken, finish_reason=finish,
+        finish = ("stop" if at_eos or row.text.stopped else "length") if final else None
+        event = Event(index=job.index, text=text, token_ids=taken, finish_reason=finish,
                       prompt_tokens=len(job.prompt), completion_tokens=len(row.new_ids))
         if job.logprobs is not None and logits is not None:
             event.logprobs.append(self._logprob(taken[-1], logits, job.logprobs, offset))

@@ -42,6 +42,37 @@ class TextStream:
 
     def push(self, token: int, final: bool) -> str:
         """Add ``token``; return the text now safe to send (all that is left when ``final``)."""
+        self._add(token, final)
+        cuts = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
+        if cuts:
+            self.text, self.stopped, final = self.text[:min(cuts)], True, True
+        safe = len(self.text) if final else len(self.text) - self._held()
+        out, self.sent = self.text[self.sent:safe], max(self.sent, safe)
+        return out
+
+    def extend(self, tokens: list[int], final: bool) -> str:
+        """``push`` each of ``tokens`` (``final`` for the last); the text they make safe to send. Without
+        stop strings a run of plain pieces is joined at once: the common case of a busy server."""
+        if self.stop:
+            return "".join(self.push(t, final and i == len(tokens) - 1) for i, t in enumerate(tokens))
+        parts = []
+        for i, token in enumerate(tokens):
+            piece = self.plain.get(token)
+            if piece is not None and self._window_text and self.read == len(self.ids):
+                self.ids.append(token)
+                parts.append(piece)
+                self.prefix, self.read = self.read, len(self.ids)
+            else:
+                self.text += "".join(parts)
+                parts = []
+                self._add(token, final and i == len(tokens) - 1)
+        self.text += "".join(parts)
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+    def _add(self, token: int, final: bool) -> None:
+        """Append ``token``'s text to ``self.text`` (a UTF-8 character split over tokens waits until
+        complete, unless ``final``)."""
         self.ids.append(token)
         piece = self.plain.get(token)
         if piece is not None and self._window_text and self.read == len(self.ids) - 1:
@@ -55,12 +86,6 @@ class TextStream:
                 self.text += full[len(head):]
                 self.prefix, self.read = self.read, len(self.ids)
                 self._window_text = bool(self.tok.decode(self.ids[self.prefix:self.read]))
-        cuts = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
-        if cuts:
-            self.text, self.stopped, final = self.text[:min(cuts)], True, True
-        safe = len(self.text) if final else len(self.text) - self._held()
-        out, self.sent = self.text[self.sent:safe], max(self.sent, safe)
-        return out
 
     def _held(self) -> int:
         """Length of the longest tail of the text that begins some stop string."""
