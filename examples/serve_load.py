@@ -4,7 +4,8 @@
   python examples/serve_load.py --clients 16 --duration 20 --max-tokens 64
 
 Each client sends one completion after another (streamed, greedy unless --temperature) until the time
-is up. Reported: requests/s and tokens/s over the run, p50/p99 latency (request to last token) and
+is up; the clients are spread over several processes (--processes), so that parsing the streams is not
+what limits the figures. Reported: requests/s and tokens/s over the run, p50/p99 latency (request to last token) and
 time to first token. Needs httpx (comes with the `serve` extra's openai client, or pip install httpx).
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import os
 import time
 
 import httpx
@@ -63,30 +66,63 @@ async def client_loop(client, body, stats, stop_at: float) -> None:
             await asyncio.sleep(0.1)
 
 
-async def run(args) -> dict:
+async def run_clients(args, clients: int, model: str, start_at: float) -> dict:
+    """``clients`` concurrent clients on one event loop from wall-clock time ``start_at``; their raw
+    figures."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=args.clients + 1)
+    limits = httpx.Limits(max_connections=clients + 1)
     async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits,
                                  timeout=args.timeout) as client:
-        model = args.model
-        if model is None:
-            r = await client.get("/v1/models")
-            r.raise_for_status()
-            model = r.json()["data"][0]["id"]
         body = {"model": model, "prompt": args.prompt, "max_tokens": args.max_tokens,
                 "temperature": args.temperature, "stream": True}
         stats = {"latency": [], "ttft": [], "tokens": 0, "errors": 0}
+        await asyncio.sleep(max(0.0, start_at - time.time()))
         t0 = time.perf_counter()
-        await asyncio.gather(*(client_loop(client, body, stats, t0 + args.duration)
-                               for _ in range(args.clients)))
-        elapsed = time.perf_counter() - t0
+        await asyncio.gather(*(client_loop(client, body, stats, t0 + args.duration) for _ in range(clients)))
+        stats["elapsed"] = time.perf_counter() - t0
+    return stats
+
+
+def _worker(args, clients: int, model: str, start_at: float) -> dict:
+    return asyncio.run(run_clients(args, clients, model, start_at))
+
+
+def first_model(args) -> str:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    r = httpx.get(f"{args.url}/v1/models", headers=headers, timeout=args.timeout)
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
+
+
+def run(args) -> dict:
+    """The clients spread over ``args.processes`` processes (one Python process parses only so many
+    streams a second: the load must not be what is measured), their figures merged."""
+    model = args.model or first_model(args)
+    shares = [args.clients // args.processes + (i < args.clients % args.processes) for i in range(args.processes)]
+    if args.processes == 1:
+        parts = [_worker(args, shares[0], model, time.time())]
+    else:  # every process starts its clients at one moment, once all have started up
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(args.processes) as pool:
+            start_at = time.time() + 2.0 + 0.5 * args.processes
+            parts = pool.starmap(_worker, [(args, n, model, start_at) for n in shares])
+    stats = {"latency": [], "ttft": [], "tokens": 0, "errors": 0}
+    for part in parts:
+        for key in ("latency", "ttft"):
+            stats[key] += part[key]
+        stats["tokens"] += part["tokens"]
+        stats["errors"] += part["errors"]
+        if "last_error" in part:
+            stats["last_error"] = part["last_error"]
+    elapsed = max(part["elapsed"] for part in parts)
 
     def ms(values, q):
         v = percentile(values, q)
         return None if v is None else round(v * 1e3, 2)
 
     report = {
-        "url": args.url, "model": model, "clients": args.clients, "max_tokens": args.max_tokens,
+        "url": args.url, "model": model, "clients": args.clients, "processes": args.processes,
+        "max_tokens": args.max_tokens,
         "duration_s": round(elapsed, 3), "requests": len(stats["latency"]), "errors": stats["errors"],
         "tokens": stats["tokens"],
         "requests_per_s": round(len(stats["latency"]) / elapsed, 3),
@@ -110,10 +146,16 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--prompt", default="To be, or not to be")
     p.add_argument("--timeout", type=float, default=120.0, help="Per-request timeout in seconds.")
+    p.add_argument("--processes", type=int, default=None,
+                   help="Client processes (default: one per 16 clients, at most the CPUs less one).")
     args = p.parse_args()
     if args.clients < 1 or args.duration <= 0:
         p.error("--clients must be >= 1 and --duration > 0")
-    print(json.dumps(asyncio.run(run(args)), indent=2))
+    if args.processes is None:
+        args.processes = max(1, min(-(-args.clients // 16), (os.cpu_count() or 2) - 1))
+    if not 1 <= args.processes <= args.clients:
+        p.error("--processes must be in 1..--clients")
+    print(json.dumps(run(args), indent=2))
 
 
 if __name__ == "__main__":

@@ -283,11 +283,13 @@ def test_gcache_file_api_key_and_load_script(model_dir, tmp_path, engine):
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(f"{s.url}/v1/models").status_code == 401
         out = subprocess.run([sys.executable, str(REPO / "examples" / "serve_load.py"), "--url", s.url,
-                              "--api-key", "sesame", "--clients", "3", "--duration", "1", "--max-tokens", "4"],
+                              "--api-key", "sesame", "--clients", "3", "--duration", "1", "--max-tokens", "4",
+                              "--processes", "2" if engine == "static" else "1"],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         report = json.loads(out.stdout)
         assert report["requests"] > 0 and report["errors"] == 0 and report["tokens"] > 0
+        assert report["processes"] == (2 if engine == "static" else 1)
         for key in ("requests_per_s", "tokens_per_s", "latency_ms", "ttft_ms"):
             assert key in report
         assert report["ttft_ms"]["p50"] <= report["latency_ms"]["p99"]
