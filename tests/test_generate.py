@@ -338,3 +338,7 @@ def test_cli_generate_compile_gives_the_same_tokens(model_dir, tmp_path):
     assert ignored[0]["compile"] is False
     r = run_cli("generate", model_dir, "--prompt", "the model", "-n", 4, "--compile", "--device", "cpu")
     assert r.exit_code == 0 and "static engine" in r.stderr
+    # --torch-compile compiles the step on CUDA only; elsewhere the same engine, the same tokens.
+    compiled = gen_json(model_dir, "--prompts-file", tmp_path / "p.txt", "-n", 10, "--greedy", "--torch-compile")
+    assert [r["tokens"] for r in compiled] == [r["tokens"] for r in gen_json(
+        model_dir, "--prompts-file", tmp_path / "p.txt", "-n", 10, "--greedy", "--no-compile")]
