@@ -10,8 +10,8 @@ its own ``Sampler``, so a row gets the tokens it would get alone.
 While every row decodes greedily without logprobs and the step can (the static engine), rows run
 ``step.chunk`` steps per launch instead, each token chosen and fed back on the device; the host takes in
 a chunk's tokens (one event per row) while the next chunk runs, so rows that finished or were freed in
-between run on unused until it lands. A new row's first token is reported by the first chunk after
-its prefill. Any other request turns the batch back to single steps (the chunk in flight taken in
+between run on unused until it lands. A new row's first token comes from its prefill, as with single
+steps. Any other request turns the batch back to single steps (the chunk in flight taken in
 first) until it is done.
 
 The step itself sits behind ``DecodeStep`` (``pldr_core.serve.steps``: a prefill of rows and a
@@ -217,7 +217,10 @@ class Scheduler:
             device = self.step.device
             prompts = [torch.tensor(row.job.prompt, device=device) for row in admitted.values()]
             if on_device:
-                self.step.start_rows(list(admitted), prompts)
+                first = self.step.start_rows(list(admitted), prompts)
+                for (b, row), token in zip(admitted.items(), first):
+                    self._accept(b, row, [token])
+                self._count(len(first))
                 return
             logits = self.step.prefill_rows(list(admitted), prompts)
             self._choose(admitted, logits, {b: i for i, b in enumerate(admitted)})
@@ -258,12 +261,12 @@ class Scheduler:
 
     def _take_chunk(self, chunk, rows: dict[int, _Row]) -> None:
         """Accept each row's tokens of ``chunk``; rows that finished or were freed since its launch (its
-        later tokens run on unused) are skipped. Column 0 is the row's input: a new row's first token."""
+        later tokens run on unused) are skipped."""
         ids = chunk.tokens()
         taken = 0
         for b, row in rows.items():
             if self._rows.get(b) is row:
-                taken += self._accept(b, row, ids[b] if not row.new_ids else ids[b][1:])
+                taken += self._accept(b, row, ids[b][1:])  # column 0: the input, already taken
         self._count(taken)
 
     def _decode(self) -> None:

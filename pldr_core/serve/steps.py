@@ -37,9 +37,8 @@ class DecodeStep(Protocol):
 
     # With ``chunk`` > 0, greedy rows can also run ``chunk`` steps at a time, their tokens chosen and
     # fed back on the device:
-    def start_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> None:
-        """Prefill as ``prefill_rows``; each row's next input is its greedy first token, left on the
-        device (the next ``launch`` reports it)."""
+    def start_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> list[int]:
+        """Prefill as ``prefill_rows``; each row's greedy first token, which is also its next input."""
 
     def set_inputs(self, tokens: list[int], positions: list[int]) -> None:
         """Every row's next input: ``tokens[b]`` at ``positions[b]``."""
@@ -137,10 +136,11 @@ class EngineStep:
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.engine.step_rows(tokens, positions)
 
-    def start_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> None:
+    def start_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> list[int]:
         first = self.engine.prefill_rows(rows, prompts).argmax(-1)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         self.engine.set_rows(torch.tensor(rows, device=self.device), first, lengths)
+        return first.tolist()
 
     def set_inputs(self, tokens: list[int], positions: list[int]) -> None:
         self.engine.set_rows(self._rows, torch.tensor(tokens, device=self.device),
