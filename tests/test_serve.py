@@ -311,3 +311,44 @@ def test_cli_serve_refuses_bad_options(model_dir):
     r = run_cli("serve", model_dir, "--stream-interval", -1)
     assert r.exit_code == 2 and "--stream-interval" in r.output
     assert run_cli("serve", "--help").exit_code == 0
+
+
+def test_a_failed_chunk_fails_its_rows_and_the_next_request_is_served(model_dir):
+    # The scheduler on its own (no HTTP): a launch that raises ends the requests it carried with an
+    # error event; the next request decodes as it would alone.
+    from queue import Queue
+
+    from pldr_core.prompts import encode_prompt
+    from pldr_core.sampling import Sampler
+    from pldr_core.serve.scheduler import Job
+
+    scheduler, tok, _ = load_scheduler(model_dir, max_batch=2, device="cpu", engine="static")
+    launch, calls = scheduler.step.launch, []
+
+    def fails_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return launch()
+
+    scheduler.step.launch = fails_once
+
+    def run(prompt, n):
+        events = Queue()
+        scheduler.submit(Job(prompt=encode_prompt(tok, prompt), max_tokens=n, sampler=Sampler(greedy=True),
+                             emit=events.put))
+        out = [events.get(timeout=60)]
+        while out[-1].finish_reason is None and out[-1].error is None:
+            out.append(events.get(timeout=60))
+        return out
+
+    scheduler.start()
+    try:
+        failed = run("the metric tensor", 30)
+        assert failed[-1].error == "RuntimeError: device lost"
+        got = run("power law", 12)
+    finally:
+        scheduler.stop()
+    assert got[-1].error is None and len(got) > 1  # the first token, then chunks
+    assert [t for e in got for t in e.token_ids] == generate_alone(model_dir, "power law", 12)["new_tokens"]
+    assert scheduler.counts["failed"] == 1 and scheduler.counts["finished"] == 1

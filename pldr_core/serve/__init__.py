@@ -13,7 +13,7 @@ ENGINES = ("auto", "eager", "static")
 
 def load_scheduler(model_path, *, max_batch: int, gcache=None, force: bool = False, tokenizer=None,
                    device=None, dtype=None, engine: str = "auto", max_len: int | None = None,
-                    chunk: int = 8):
+                   chunk: int = 8):
     """Load a model (and its G-cache file) for serving: (Scheduler, Tokenizer, model).
 
     ``engine``: 'static' (the static-cache engine: compiled, one CUDA graph per step, on a GPU),
