@@ -352,3 +352,13 @@ def test_a_failed_chunk_fails_its_rows_and_the_next_request_is_served(model_dir)
     assert got[-1].error is None and len(got) > 1  # the first token, then chunks
     assert [t for e in got for t in e.token_ids] == generate_alone(model_dir, "power law", 12)["new_tokens"]
     assert scheduler.counts["failed"] == 1 and scheduler.counts["finished"] == 1
+
+
+def test_host_bench_hands_out_every_token_of_every_request(spm_model):
+    for chunk in ("8", "0"):
+        out = subprocess.run([sys.executable, str(REPO / "examples" / "serve_host_bench.py"), str(spm_model),
+                              "--chunk", chunk, "--batch", "4", "--requests", "10", "--max-tokens", "9"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        assert report["requests"] == 10 and report["tokens"] == 90 and report["tokens_per_s"] > 0
