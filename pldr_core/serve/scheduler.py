@@ -202,7 +202,8 @@ class Scheduler:
 
     def _admit(self, on_device: bool = False) -> None:
         """Give queued jobs the free rows and prefill them together (one failed prefill fails them).
-        ``on_device``: their greedy first tokens stay on the device for the next chunk to report."""
+        ``on_device``: prefilled by ``step.start_rows``, which also leaves each row's greedy first
+        token on the device as its next input, for the next chunk."""
         admitted: dict[int, _Row] = {}
         while self._free and self._pending:
             job = self._pending.popleft()
