@@ -60,19 +60,24 @@ class StandInStep:
         return self._logits(self.batch)
 
     def start_rows(self, rows, prompts):
-        return [self.rng.choice(self.pieces) for _ in rows]
+        return Values([self.rng.choice(self.pieces) for _ in rows])
 
     def set_inputs(self, tokens, positions):
         pass
 
     def launch(self):
         time.sleep(self.step_s * self.chunk)
-        ids = [[self.rng.choice(self.pieces) for _ in range(self.chunk + 1)] for _ in range(self.batch)]
+        return Values([[self.rng.choice(self.pieces) for _ in range(self.chunk + 1)] for _ in range(self.batch)])
 
-        class Done:
-            def tokens(self):
-                return ids
-        return Done()
+
+class Values:
+    """What ``Readback`` gives the scheduler, already on the host."""
+
+    def __init__(self, values: list):
+        self._values = values
+
+    def values(self) -> list:
+        return self._values
 
 
 def scheduler_only(scheduler: Scheduler, tok: Tokenizer, requests: int, max_tokens: int, prompt: str) -> dict:

@@ -30,6 +30,9 @@ class _RowFlags:
     def _all_filled(self) -> bool:
         return all(self._state["filled"][r] for r in self._own_rows())
 
+    def _none_filled(self) -> bool:
+        return not any(self._state["filled"][r] for r in self._own_rows())
+
     def _set_filled(self, value: bool) -> None:
         for r in self._own_rows():
             self._state["filled"][r] = value
@@ -82,6 +85,12 @@ class KVCache(_RowFlags):
         """True once the prefill has run: A is frozen and later calls are decode steps."""
         return self._all_filled()
 
+    @property
+    def empty(self) -> bool:
+        """True while none of its rows holds anything (allocated or reset, not yet advanced): their
+        lengths are then known to be 0 without reading them from the device."""
+        return self._none_filled()
+
     def row(self, b: int) -> "KVCache":
         """A view of row ``b`` (for prefilling prompts of different lengths one at a time)."""
         sl = slice(b, b + 1)
@@ -95,10 +104,13 @@ class KVCache(_RowFlags):
     def store_A(self, layer: int, A: torch.Tensor) -> None:
         self.A[layer].copy_(A)
 
-    def begin(self, positions: torch.Tensor) -> None:
+    def begin(self, positions: torch.Tensor, end: int | None = None) -> None:
         """Called by the model once per forward, before the layers: checks room for ``positions``
-        [B, S] and builds the mask they share (one host sync per forward, not one per layer)."""
-        end = int(positions.max()) + 1
+        [B, S] and builds the mask they share. ``end``: one past the last position, where the caller
+        knows it (a prefill into an empty cache); else it is read from the device (one host sync per
+        forward, not one per layer)."""
+        if end is None:
+            end = int(positions.max()) + 1
         if end > self.max_len:
             raise PLDRError(
                 f"KV-cache holds {self.max_len} positions per row; allocate it for prompt + max_new_tokens"

@@ -30,3 +30,12 @@ def resolve_dtype(name: str | None) -> torch.dtype:
     if name not in DTYPES:
         raise PLDRError(f"unknown dtype {name!r}; use float32, bfloat16, float16 or float64")
     return DTYPES[name]
+
+
+def ids_on(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as a long tensor on ``device``, copied without waiting for the work queued there (from
+    pinned memory on CUDA; a plain copy from pageable memory waits for the stream to drain)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

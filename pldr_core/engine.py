@@ -23,6 +23,7 @@ import torch
 
 from pldr_core.cache import GCache, KVCache
 from pldr_core.config import GMode
+from pldr_core.device import ids_on
 from pldr_core.errors import PLDRError
 from pldr_core.kernels import KERNELS, decode_attn, kv_write
 from pldr_core.sampling import Step, greedy
@@ -243,12 +244,12 @@ class DecodeEngine:
             padded[i, :len(ids)] = ids.to(self.device)
         kv = KVCache.for_model(self.model, len(rows), S)
         logits = self.model(padded, kv_cache=kv, g_cache=self._gc).logits
-        at = torch.tensor(rows, device=self.device)
+        at = ids_on(rows, self.device)
         if self.G is not None:
             _keys_as_g_keys(kv.k, self.G[:, at])
         self.kv.k[:, at, :, :S] = kv.k
         self.kv.v[:, at, :, :S] = kv.v
-        return logits[torch.arange(len(rows), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        return logits[torch.arange(len(rows), device=self.device), ids_on(lengths, self.device) - 1]
 
     def _prefill(self, prompt: torch.Tensor, rows: slice) -> torch.Tensor:
         S = prompt.shape[1]

@@ -116,12 +116,17 @@ class PLDRModel(nn.Module):
         ``explicit`` uses softmax((q G) k^T / sqrt(dk)) instead of fused SDPA (same maths).
         """
         B, S = tokens.shape
+        end = None  # one past the last position, where known without asking the device
         if positions is None:
-            start = kv_cache.lengths[:, None] if kv_cache is not None else 0
-            positions = start + torch.arange(S, device=tokens.device)[None, :]
+            fresh = kv_cache is None or kv_cache.empty  # every row starts at 0
+            positions = torch.arange(S, device=tokens.device)[None, :]
+            if fresh:
+                end = S
+            else:
+                positions = kv_cache.lengths[:, None] + positions
             positions = positions.expand(B, S)
         if kv_cache is not None:
-            kv_cache.begin(positions)
+            kv_cache.begin(positions, end)
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_base)  # once, not per layer
         x = self.decoder.embedding(tokens) * math.sqrt(self.config.d_model)
         x = self.decoder.layernorm1(x)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pldr_core.device import ids_on
 from pldr_core.sampling import Sampler
 from pldr_core.serve.steps import DecodeStep
 from pldr_core.serve.text import TextStream, plain_pieces
@@ -111,7 +112,8 @@ class Scheduler:
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
         self._lock = threading.Lock()
         self._started = time.monotonic()
-        self._inflight = None  # (Chunk, rows at its launch) of the chunk the host has not taken in yet
+        self._inflight = None  # (Readback, rows at its launch) of the chunk the host has not taken in yet
+        self._firsts = None  # (Readback, rows) of the first tokens of rows admitted for the next chunk
         self._inputs_on_host = True  # the rows' next inputs are new_ids[-1] at position, not on the device
         self.counts = {"jobs": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0,
                        "chunks": 0}
@@ -166,7 +168,7 @@ class Scheduler:
                 self._drain()
             except Exception as exc:  # a failed chunk fails its rows, not the server
                 log.exception("decode chunk failed")
-                self._inflight = None
+                self._inflight = self._firsts = None
                 self._fail_all(f"{type(exc).__name__}: {exc}")
                 continue
             self._admit()
@@ -202,8 +204,9 @@ class Scheduler:
 
     def _admit(self, on_device: bool = False) -> None:
         """Give queued jobs the free rows and prefill them together (one failed prefill fails them).
-        ``on_device``: prefilled by ``step.start_rows``, which also leaves each row's greedy first
-        token on the device as its next input, for the next chunk."""
+        ``on_device``: prefilled by ``step.start_rows`` without waiting for the device, which also
+        leaves each row's greedy first token there as its next input; the host reads the first tokens
+        back after the chunk in flight (``_take_firsts``)."""
         admitted: dict[int, _Row] = {}
         while self._free and self._pending:
             job = self._pending.popleft()
@@ -216,12 +219,9 @@ class Scheduler:
             return
         try:
             device = self.step.device
-            prompts = [torch.tensor(row.job.prompt, device=device) for row in admitted.values()]
-            if on_device:
-                first = self.step.start_rows(list(admitted), prompts)
-                for (b, row), token in zip(admitted.items(), first):
-                    self._accept(b, row, [token])
-                self._count(len(first))
+            prompts = [ids_on(row.job.prompt, device) for row in admitted.values()]
+            if on_device:  # taken in with the chunk before it (_take_firsts)
+                self._firsts = (self.step.start_rows(list(admitted), prompts), admitted)
                 return
             logits = self.step.prefill_rows(list(admitted), prompts)
             self._choose(admitted, logits, {b: i for i, b in enumerate(admitted)})
@@ -252,18 +252,31 @@ class Scheduler:
         previous, self._inflight = self._inflight, launched
         if previous is not None:
             self._take_chunk(*previous)
+        self._take_firsts()
 
     def _drain(self) -> None:
         """Take in the chunk in flight, if any: the rows' inputs are then known on the host."""
         previous, self._inflight = self._inflight, None
         if previous is not None:
             self._take_chunk(*previous)
+        self._take_firsts()
         self._inputs_on_host = True
+
+    def _take_firsts(self) -> None:
+        """Send the first tokens of the rows admitted last, before any chunk of theirs is taken in."""
+        if self._firsts is None:
+            return
+        (readback, rows), self._firsts = self._firsts, None
+        first = readback.values()
+        for (b, row), token in zip(rows.items(), first):
+            if self._rows.get(b) is row:
+                self._accept(b, row, [token])
+        self._count(len(first))
 
     def _take_chunk(self, chunk, rows: dict[int, _Row]) -> None:
         """Accept each row's tokens of ``chunk``; rows that finished or were freed since its launch (its
         later tokens run on unused) are skipped."""
-        ids = chunk.tokens()
+        ids = chunk.values()
         taken = 0
         for b, row in rows.items():
             if self._rows.get(b) is row:

@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from pldr_core.cache import GCache, KVCache
+from pldr_core.device import ids_on
 from pldr_core.engine import DecodeEngine
 
 
@@ -37,30 +38,32 @@ class DecodeStep(Protocol):
 
     # With ``chunk`` > 0, greedy rows can also run ``chunk`` steps at a time, their tokens chosen and
     # fed back on the device:
-    def start_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> list[int]:
-        """Prefill as ``prefill_rows``; each row's greedy first token, which is also its next input."""
+    def start_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> "Readback":
+        """Prefill as ``prefill_rows``, queued behind the device's work (no waiting for it); each
+        row's greedy first token [len(rows)], which is also its next input."""
 
     def set_inputs(self, tokens: list[int], positions: list[int]) -> None:
         """Every row's next input: ``tokens[b]`` at ``positions[b]``."""
 
-    def launch(self) -> "Chunk":
-        """Start ``chunk`` greedy steps of every row from its next input; returns at once on a GPU."""
+    def launch(self) -> "Readback":
+        """Queue ``chunk`` greedy steps of every row from its next input; its tokens [B, chunk + 1]
+        (column 0 each row's input, then the tokens chosen)."""
 
 
-class Chunk:
-    """A launched chunk's tokens [B, n + 1] (column 0 each row's input, then its n chosen tokens),
-    copied to the host behind the steps; ``tokens`` waits for them."""
+class Readback:
+    """A device tensor's values, copied to the host behind the work queued before it; ``values``
+    waits for them (and only them)."""
 
-    def __init__(self, out: torch.Tensor):
-        if out.is_cuda:
-            self._host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-            self._host.copy_(out, non_blocking=True)
+    def __init__(self, values: torch.Tensor):
+        if values.is_cuda:
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
             self._done = torch.cuda.Event()
             self._done.record()
         else:
-            self._host, self._done = out.clone(), None
+            self._host, self._done = values.clone(), None
 
-    def tokens(self) -> list[list[int]]:
+    def values(self) -> list:
         if self._done is not None:
             self._done.synchronize()
         return self._host.tolist()
@@ -136,15 +139,14 @@ class EngineStep:
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.engine.step_rows(tokens, positions)
 
-    def start_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> list[int]:
+    def start_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> Readback:
         first = self.engine.prefill_rows(rows, prompts).argmax(-1)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        self.engine.set_rows(torch.tensor(rows, device=self.device), first, lengths)
-        return first.tolist()
+        lengths = ids_on([len(p) for p in prompts], self.device)
+        self.engine.set_rows(ids_on(rows, self.device), first, lengths)
+        return Readback(first)
 
     def set_inputs(self, tokens: list[int], positions: list[int]) -> None:
-        self.engine.set_rows(self._rows, torch.tensor(tokens, device=self.device),
-                             torch.tensor(positions, device=self.device))
+        self.engine.set_rows(self._rows, ids_on(tokens, self.device), ids_on(positions, self.device))
 
-    def launch(self) -> Chunk:
-        return Chunk(self.engine.greedy_chunk(self.chunk))
+    def launch(self) -> Readback:
+        return Readback(self.engine.greedy_chunk(self.chunk))
