@@ -5,8 +5,8 @@
 
 Each client sends one completion after another (streamed, greedy unless --temperature) until the time
 is up; the clients are spread over several processes (--processes), so that parsing the streams is not
-what limits the figures. Reported: requests/s and tokens/s over the run, p50/p99 latency (request to last token) and
-time to first token. Needs httpx (comes with the `serve` extra's openai client, or pip install httpx).
+what limits the figures. Reported: requests/s and tokens/s over the run, p50/p99 latency (request to
+last token) and time to first token. Needs httpx (comes with the `serve` extra's openai client, or pip install httpx).
 """
 
 from __future__ import annotations
@@ -69,9 +69,8 @@ async def client_loop(client, body, stats, stop_at: float) -> None:
 async def run_clients(args, clients: int, model: str, start_at: float) -> dict:
     """``clients`` concurrent clients on one event loop from wall-clock time ``start_at``; their raw
     figures."""
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=clients + 1)
-    async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits,
+    async with httpx.AsyncClient(base_url=args.url, headers=headers(args), limits=limits,
                                  timeout=args.timeout) as client:
         body = {"model": model, "prompt": args.prompt, "max_tokens": args.max_tokens,
                 "temperature": args.temperature, "stream": True}
@@ -87,9 +86,12 @@ def _worker(args, clients: int, model: str, start_at: float) -> dict:
     return asyncio.run(run_clients(args, clients, model, start_at))
 
 
+def headers(args) -> dict:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
 def first_model(args) -> str:
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    r = httpx.get(f"{args.url}/v1/models", headers=headers, timeout=args.timeout)
+    r = httpx.get(f"{args.url}/v1/models", headers=headers(args), timeout=args.timeout)
     r.raise_for_status()
     return r.json()["data"][0]["id"]
 

@@ -130,24 +130,32 @@ class DecodeEngine:
         self._logits, self._next = self._run(self._tok, self._pos)
 
     def _capture(self) -> None:
-        # Warm up (compiles) on a side stream, then capture one step. Every one of them runs at the
-        # current position (each step advances it, so it is reset before each): they write k/v only
-        # there, which the real step rewrites before any query sees it, and never past the cache
-        # (a first step at the last position would otherwise warm up one position beyond it).
-        pos = self._pos.clone()
+        self._graph = self._record(self._body, warmups=2)
+
+    def _record(self, body, warmups: int) -> torch.cuda.CUDAGraph:
+        """Warm ``body`` up (compiles) on a side stream, then capture it as a CUDA graph. Every run
+        starts from the current token and positions (restored before each and after): runs write k/v
+        only at positions that a real step rewrites before any query sees them, and never past the
+        cache (a first step at the last position would otherwise warm up one position beyond it)."""
+        tok, pos = self._tok.clone(), self._pos.clone()
+
+        def restore():
+            self._tok.copy_(tok)
+            self._pos.copy_(pos)
+
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._pos.copy_(pos)
-                self._body()
+            for _ in range(warmups):
+                restore()
+                body()
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        self._pos.copy_(pos)
+        restore()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._body()
-        self._pos.copy_(pos)
-        self._graph = graph
+            body()
+        restore()
+        return graph
 
     def _call(self, token: torch.Tensor, p: int | torch.Tensor) -> torch.Tensor:
         """Logits [B, V] of one step of ``token`` [B] at position ``p`` (every row) or at positions
@@ -351,25 +359,11 @@ class DecodeEngine:
             self._pos.clamp_(max=last)
 
     def _capture_chunk(self, out: torch.Tensor) -> torch.cuda.CUDAGraph:
-        # As ``_capture``: warm up on a side stream, then capture, restoring the inputs around each
-        # (the writes land at positions that real steps rewrite before any query sees them). The
-        # one-step graph's outputs are kept: ``_body`` rebinds them while the chunk is captured.
+        # The one-step graph's outputs are kept: ``_body`` rebinds them while the chunk is recorded.
         if self._graph is None:
             self._capture()
         keep = self._logits, self._next
-        tok, pos = self._tok.clone(), self._pos.clone()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._chunk_body(out)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        self._tok.copy_(tok)
-        self._pos.copy_(pos)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._chunk_body(out)
-        self._tok.copy_(tok)
-        self._pos.copy_(pos)
+        graph = self._record(lambda: self._chunk_body(out), warmups=1)
         self._logits, self._next = keep
         return graph
 

@@ -118,12 +118,11 @@ class PLDRModel(nn.Module):
         B, S = tokens.shape
         end = None  # one past the last position, where known without asking the device
         if positions is None:
-            fresh = kv_cache is None or kv_cache.empty  # every row starts at 0
             positions = torch.arange(S, device=tokens.device)[None, :]
-            if fresh:
-                end = S
-            else:
+            if kv_cache is not None and not kv_cache.empty:
                 positions = kv_cache.lengths[:, None] + positions
+            else:  # every row starts at 0
+                end = S
             positions = positions.expand(B, S)
         if kv_cache is not None:
             kv_cache.begin(positions, end)

@@ -249,18 +249,20 @@ class Scheduler:
             launched = (self.step.launch(), dict(self._rows))
             self.counts["steps"] += self.step.chunk
             self.counts["chunks"] += 1
+        self._in_flight(launched)
+
+    def _drain(self) -> None:
+        """Take in the chunk in flight, if any: the rows' inputs are then known on the host."""
+        self._in_flight(None)
+        self._inputs_on_host = True
+
+    def _in_flight(self, launched) -> None:
+        """Make ``launched`` (or nothing) the chunk in flight; take in the one it replaces, then the
+        first tokens of the rows admitted before it."""
         previous, self._inflight = self._inflight, launched
         if previous is not None:
             self._take_chunk(*previous)
         self._take_firsts()
-
-    def _drain(self) -> None:
-        """Take in the chunk in flight, if any: the rows' inputs are then known on the host."""
-        previous, self._inflight = self._inflight, None
-        if previous is not None:
-            self._take_chunk(*previous)
-        self._take_firsts()
-        self._inputs_on_host = True
 
     def _take_firsts(self) -> None:
         """Send the first tokens of the rows admitted last, before any chunk of theirs is taken in."""
@@ -306,7 +308,7 @@ class Scheduler:
             if b not in chosen:
                 chosen[b] = int(row.job.sampler(logits[at[b]:at[b] + 1])[0])
         for b, row in rows.items():
-            self._accept(b, row, [chosen[b]], logits[at[b]])
+            self._accept(b, row, [chosen[b]], None if row.job.logprobs is None else logits[at[b]])
         self._count(len(rows))
 
     def _count(self, tokens: int) -> None:
@@ -318,7 +320,8 @@ class Scheduler:
 
     def _accept(self, b: int, row: _Row, tokens: list[int], logits: torch.Tensor | None = None) -> int:
         """Append ``tokens`` to row ``b`` up to its finish and send them as one event; with
-        ``logits`` [V] (one token) also its logprobs. Returns how many were taken."""
+        ``logits`` [V] (one token of a request that asked for logprobs) also its logprobs. Returns how
+        many were taken."""
         job = row.job
         taken = tokens[:job.max_tokens - len(row.new_ids)]
         if self.eos_id in taken:
@@ -341,7 +344,7 @@ class Scheduler:
         finish = ("stop" if at_eos or row.text.stopped else "length") if final else None
         event = Event(index=job.index, text=text, token_ids=taken, finish_reason=finish,
                       prompt_tokens=len(job.prompt), completion_tokens=len(row.new_ids))
-        if job.logprobs is not None and logits is not None:
+        if logits is not None:
             event.logprobs.append(self._logprob(taken[-1], logits, job.logprobs, offset))
         _send(job, event)
         if finish is not None:

@@ -52,21 +52,12 @@ class TextStream:
 
     def extend(self, tokens: list[int], final: bool) -> str:
         """``push`` each of ``tokens`` (``final`` for the last); the text they make safe to send. Without
-        stop strings a run of plain pieces is joined at once: the common case of a busy server."""
+        stop strings nothing is held back, so the stop checks run once for the run, not per token."""
         if self.stop:
             return "".join(self.push(t, final and i == len(tokens) - 1) for i, t in enumerate(tokens))
-        parts = []
+        last = len(tokens) - 1
         for i, token in enumerate(tokens):
-            piece = self.plain.get(token)
-            if piece is not None and self._window_text and self.read == len(self.ids):
-                self.ids.append(token)
-                parts.append(piece)
-                self.prefix, self.read = self.read, len(self.ids)
-            else:
-                self.text += "".join(parts)
-                parts = []
-                self._add(token, final and i == len(tokens) - 1)
-        self.text += "".join(parts)
+            self._add(token, final and i == last)
         out, self.sent = self.text[self.sent:], len(self.text)
         return out
 
